@@ -1,0 +1,21 @@
+# Every target sets up .venv itself when needed, so `make demo` and `make test` work on a fresh clone.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED ?= ../shared
+
+.PHONY: setup demo test bench eval clean
+
+setup:
+	bash scripts/setup_env.sh $(VENV)
+
+demo: setup
+	$(PY) -m reloc_ros.demo.run
+
+test: setup
+	$(PY) -m pytest -q test
+
+bench: setup
+	$(PY) bench/bench_core.py --shared $(SHARED)
+
+clean:
+	rm -rf $(VENV) out build *.egg-info
