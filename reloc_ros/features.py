@@ -1,0 +1,145 @@
+"""Local features: SIFT keypoints with RootSIFT descriptors, and mutual ratio-test matching.
+
+SIFT (OpenCV) is the choice for a tool that must work on any scene without training or
+weights: it is scale/rotation invariant, sub-pixel accurate (which the 2 cm / 0.1 deg
+targets need), and ships in opencv-python-headless. Descriptors are stored as uint8
+(OpenCV's SIFT values are integers 0..255) and turned into RootSIFT for matching.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import cv2
+import numpy as np
+
+from reloc_ros.types import InvalidInputError
+
+
+@dataclass
+class FeatureConfig:
+    """Local feature extraction and matching options.
+
+    max_keypoints: keep the strongest N keypoints per image.
+    max_image_size: images whose long side exceeds this (pixels) are downscaled for
+        extraction; keypoints are returned in the original image's pixels.
+    contrast_threshold: SIFT contrast threshold (lower finds more in low-texture scenes).
+    ratio: Lowe ratio test threshold on descriptor distances.
+    mutual: also require mutual nearest neighbours.
+    """
+
+    max_keypoints: int = 2048
+    max_image_size: int = 1024
+    contrast_threshold: float = 0.02
+    ratio: float = 0.85
+    mutual: bool = True
+
+    def validate(self) -> None:
+        if self.max_keypoints < 8:
+            raise ValueError("features.max_keypoints must be >= 8")
+        if self.max_image_size < 64:
+            raise ValueError("features.max_image_size must be >= 64")
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError("features.ratio must be in (0, 1]")
+
+
+@dataclass
+class Features:
+    """Keypoints [N, 2] float32 (x, y) in image pixels; descriptors [N, 128] uint8 SIFT."""
+
+    keypoints: np.ndarray
+    descriptors: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.keypoints)
+
+    def root(self) -> np.ndarray:
+        """RootSIFT descriptors [N, 128] float32, L2-normalised (Arandjelovic & Zisserman 2012)."""
+        return root_sift(self.descriptors)
+
+
+def root_sift(desc: np.ndarray) -> np.ndarray:
+    """[N, 128] SIFT (any dtype) -> RootSIFT float32, unit L2 norm."""
+    d = desc.astype(np.float32)
+    d /= np.maximum(d.sum(axis=1, keepdims=True), 1e-6)
+    return np.sqrt(d)
+
+
+def to_grey(image: np.ndarray) -> np.ndarray:
+    """[H, W, 3] RGB / [H, W, 4] RGBA / [H, W] -> [H, W] uint8 grey; clear error otherwise."""
+    if not isinstance(image, np.ndarray) or image.size == 0:
+        raise InvalidInputError("image is empty or not an array")
+    if image.dtype != np.uint8:
+        if image.dtype == np.uint16:
+            image = (image >> 8).astype(np.uint8)
+        else:
+            raise InvalidInputError(f"unsupported image dtype {image.dtype}")
+    if image.ndim == 2:
+        return image
+    if image.ndim == 3 and image.shape[2] == 1:
+        return image[:, :, 0]
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        return cv2.cvtColor(image[:, :, :3], cv2.COLOR_RGB2GRAY)
+    raise InvalidInputError(f"unsupported image shape {image.shape}")
+
+
+class SiftExtractor:
+    """SIFT extraction with a fixed configuration (the cv2 object is reused across calls)."""
+
+    def __init__(self, config: Optional[FeatureConfig] = None):
+        self.config = config or FeatureConfig()
+        # nfeatures=0: keep all, then select by response, so the N strongest survive
+        # across octaves rather than OpenCV's per-call truncation.
+        self._sift = cv2.SIFT_create(nfeatures=0, contrastThreshold=self.config.contrast_threshold)
+
+    def __call__(self, image: np.ndarray) -> Features:
+        """Extract from [H, W(, C)] uint8; keypoints in the input image's pixel frame."""
+        grey = to_grey(image)
+        h, w = grey.shape
+        scale = min(1.0, self.config.max_image_size / max(h, w))
+        if scale < 1.0:
+            grey = cv2.resize(grey, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+        kps, desc = self._sift.detectAndCompute(grey, None)
+        if desc is None or len(kps) == 0:
+            return Features(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8))
+        resp = np.array([k.response for k in kps], np.float32)
+        order = np.argsort(-resp, kind="stable")[: self.config.max_keypoints]
+        xy = np.array([kps[i].pt for i in order], np.float32)
+        # cv2 keypoints use pixel centres at integer coordinates; rescale about (-0.5, -0.5)
+        # so coordinates stay consistent with K of the full-size image.
+        xy = (xy + 0.5) / scale - 0.5
+        d = np.clip(np.round(desc[order]), 0, 255).astype(np.uint8)
+        return Features(xy.astype(np.float32), d)
+
+
+def undistort_keypoints(kps: np.ndarray, camera) -> np.ndarray:
+    """Pixel keypoints [N, 2] of a distorted camera -> ideal pinhole pixels with the same K."""
+    if camera.dist is None or len(kps) == 0:
+        return kps
+    pts = cv2.undistortPoints(kps.reshape(-1, 1, 2).astype(np.float64), camera.K, camera.dist, P=camera.K)
+    return pts.reshape(-1, 2).astype(np.float32)
+
+
+def match_descriptors(q: np.ndarray, db: np.ndarray, ratio: float = 0.85, mutual: bool = True) -> np.ndarray:
+    """Match RootSIFT descriptors q [N, D] to db [M, D] (both unit-norm float32).
+
+    Returns [K, 2] int indices (i_q, i_db) passing Lowe's ratio test on Euclidean
+    distances (and mutual nearest neighbour when ``mutual``).
+    """
+    if len(q) == 0 or len(db) < 2:
+        return np.zeros((0, 2), np.int64)
+    sim = q @ db.T  # [N, M]; unit vectors: dist^2 = 2 - 2 sim
+    top2 = np.argpartition(-sim, 1, axis=1)[:, :2]
+    s2 = np.take_along_axis(sim, top2, axis=1)
+    first = np.argmax(s2, axis=1)
+    nn = top2[np.arange(len(q)), first]
+    s_best = s2[np.arange(len(q)), first]
+    s_second = s2[np.arange(len(q)), 1 - first]
+    d_best = np.sqrt(np.maximum(2 - 2 * s_best, 0))
+    d_second = np.sqrt(np.maximum(2 - 2 * s_second, 0))
+    keep = d_best < ratio * d_second
+    if mutual:
+        back = np.argmax(sim, axis=0)  # best q for each db
+        keep &= back[nn] == np.arange(len(q))
+    iq = np.nonzero(keep)[0]
+    return np.stack([iq, nn[iq]], axis=1).astype(np.int64)

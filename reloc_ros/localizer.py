@@ -1,0 +1,169 @@
+"""The per-query pipeline: features -> retrieval -> estimator -> fusion -> LocalizationResult.
+
+This is the one entry point the ROS node and ``reloc-eval`` call. It never raises for
+bad image content: a corrupt image, a camera that does not fit it, or a query with no
+matches gives a result with status ERROR / NOT_LOCALIZED and a message.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Literal, Optional
+
+import numpy as np
+
+from reloc_ros.config import from_dict
+from reloc_ros.estimators import Query, create
+from reloc_ros.features import FeatureConfig, SiftExtractor
+from reloc_ros.maps import KeyframeMap
+from reloc_ros.retrieval import RetrievalConfig, create_descriptor
+from reloc_ros.types import Camera, InvalidInputError, LocalizationResult, Status
+
+log = logging.getLogger("reloc_ros.localizer")
+
+
+@dataclass
+class LocalizerConfig:
+    """Options of the localizer (the node's and reloc-eval's configuration).
+
+    estimator: 'geometric' | 'reloc3r' | 'vggt-fused'.
+    estimator_options: the estimator's own options (see its config dataclass).
+    top_k: keyframes retrieved per query.
+    fusion: motion averaging of relative estimates: 'robust' (default; outlier
+        rejection, degeneracy detection, covariance) or 'reloc3r' (the paper's median).
+    averaging: options of the robust averaging (reloc_ros.averaging.AveragingConfig).
+    features: query feature options; None = the map's build options (recommended).
+    max_position_std_m: a pose whose largest position standard deviation exceeds this
+        is reported DEGENERATE (published only if confidence allows).
+    """
+
+    estimator: str = "geometric"
+    estimator_options: Dict[str, Any] = field(default_factory=dict)
+    top_k: int = 10
+    fusion: Literal["robust", "reloc3r"] = "robust"
+    averaging: Dict[str, Any] = field(default_factory=dict)
+    features: Optional[FeatureConfig] = None
+    max_position_std_m: float = 0.5
+
+    def validate(self) -> None:
+        from reloc_ros.estimators import available
+
+        if self.estimator not in available():
+            raise ValueError(f"estimator must be one of {available()}, got {self.estimator!r}")
+        if self.top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        if self.features is not None:
+            self.features.validate()
+
+    @classmethod
+    def from_dict(cls, data: Optional[dict]) -> "LocalizerConfig":
+        return from_dict(cls, data, "localizer")
+
+
+class Localizer:
+    """Localizes query images against one loaded keyframe map."""
+
+    def __init__(self, kmap: KeyframeMap, config: Optional[LocalizerConfig] = None):
+        self.config = config or LocalizerConfig()
+        self.config.validate()
+        self.kmap = kmap
+        build = kmap.manifest.get("build_config", {})
+        fcfg = self.config.features or from_dict(FeatureConfig, build.get("features", {}), "features")
+        self.extractor = SiftExtractor(fcfg)
+        self.descriptor = create_descriptor(from_dict(RetrievalConfig, build.get("retrieval", {}), "retrieval"))
+        self.descriptor.load_state(kmap.descriptor_state)
+        self.estimator = create(self.config.estimator, self.config.estimator_options)
+        self.estimator.prepare(kmap)
+        self._averaging_config = None
+        if self.config.fusion == "robust":
+            from reloc_ros.averaging import AveragingConfig
+
+            self._averaging_config = from_dict(AveragingConfig, self.config.averaging, "averaging")
+
+    @classmethod
+    def from_map(cls, map_path: str | Path, config: Optional[LocalizerConfig] = None) -> "Localizer":
+        """Load the map at ``map_path`` (MapError on failure) and set up the estimator."""
+        return cls(KeyframeMap.load(map_path), config)
+
+    # ------------------------------------------------------------------------------
+    def localize(self, image: np.ndarray, camera: Camera) -> LocalizationResult:
+        """Estimate T_world_cam of ``image`` ([H,W,3] uint8 RGB or [H,W] uint8) seen by ``camera``."""
+        t0 = time.perf_counter()
+        timings: Dict[str, float] = {}
+        name = self.config.estimator
+        try:
+            _check_query(image, camera)
+            feats = self.extractor(image)
+        except InvalidInputError as e:
+            return LocalizationResult(Status.ERROR, message=str(e), estimator=name,
+                                      timings_ms={"total": _ms(t0)})
+        t1 = time.perf_counter()
+        timings["features"] = _ms(t0, t1)
+        if len(feats) < 8:
+            return LocalizationResult(Status.NOT_LOCALIZED, message=f"only {len(feats)} local features in the query",
+                                      estimator=name, timings_ms={**timings, "total": _ms(t0)})
+        ids, _ = self.kmap.index.search(self.descriptor.describe(feats), self.config.top_k)
+        t2 = time.perf_counter()
+        timings["retrieval"] = _ms(t1, t2)
+        out = self.estimator.estimate(Query(image, camera, feats), ids.tolist(), self.kmap)
+        t3 = time.perf_counter()
+        timings["estimate"] = _ms(t2, t3)
+        for k, v in out.timings_ms.items():
+            timings[f"estimate.{k}"] = v
+        res = self._fuse(out)
+        timings["fusion"] = _ms(t3)
+        timings["total"] = _ms(t0)
+        res.timings_ms = timings
+        res.estimator = name
+        return res
+
+    def _fuse(self, out) -> LocalizationResult:
+        abs_est = out.absolute
+        if abs_est is not None:
+            std = float(np.sqrt(max(np.linalg.eigvalsh(abs_est.covariance[:3, :3]).max(), 0.0)))
+            status = Status.OK if std <= self.config.max_position_std_m else Status.DEGENERATE
+            # Inliers saturate the confidence; a large position uncertainty pulls it down.
+            conf = (abs_est.inliers / (abs_est.inliers + 30.0)) / (1.0 + (std / self.config.max_position_std_m) ** 2)
+            msg = "" if status is Status.OK else f"position std {std:.2f} m exceeds {self.config.max_position_std_m} m"
+            return LocalizationResult(status, abs_est.T_world_cam, abs_est.covariance, float(conf), msg,
+                                      list(abs_est.keyframe_ids), [abs_est.inliers])
+        pairs = out.pairs
+        if not pairs:
+            return LocalizationResult(Status.NOT_LOCALIZED, message=out.message or "no usable keyframe pairs")
+        T_world_kf = self.kmap.T_world_cam[[p.keyframe_id for p in pairs]]
+        T_kf_q = np.stack([p.T_kf_query for p in pairs])
+        ids = [p.keyframe_id for p in pairs]
+        inl = [p.inliers for p in pairs]
+        if self.config.fusion == "reloc3r":
+            from reloc_ros.averaging import reloc3r_motion_averaging
+
+            if len(pairs) < 2:
+                return LocalizationResult(Status.NOT_LOCALIZED, message="reloc3r averaging needs >= 2 pairs",
+                                          keyframe_ids=ids, inliers=inl)
+            T = reloc3r_motion_averaging(T_world_kf, T_kf_q)
+            # The paper's method has no uncertainty model: report a broad, non-zero one.
+            cov = np.diag([1.0, 1.0, 1.0, 0.1, 0.1, 0.1])
+            return LocalizationResult(Status.OK, T, cov, 0.5, "", ids, inl)
+        from reloc_ros.averaging import robust_motion_averaging
+
+        w = np.array([p.weight for p in pairs], np.float64)
+        fr = robust_motion_averaging(T_world_kf, T_kf_q, w, self._averaging_config)
+        used = [i for i, m in zip(ids, fr.inlier_mask) if m]
+        used_inl = [n for n, m in zip(inl, fr.inlier_mask) if m]
+        return LocalizationResult(fr.status, fr.T_world_cam, fr.covariance, float(fr.confidence),
+                                  fr.message, used, used_inl)
+
+
+def _ms(a: float, b: Optional[float] = None) -> float:
+    return ((b if b is not None else time.perf_counter()) - a) * 1e3
+
+
+def _check_query(image: np.ndarray, camera: Camera) -> None:
+    if not isinstance(image, np.ndarray) or image.ndim not in (2, 3) or image.size == 0:
+        raise InvalidInputError(f"query image must be [H,W] or [H,W,C], got {getattr(image, 'shape', type(image))}")
+    camera.validate()
+    h, w = image.shape[:2]
+    if (w, h) != (camera.width, camera.height):
+        raise InvalidInputError(f"image is {w}x{h} but the camera says {camera.width}x{camera.height}")

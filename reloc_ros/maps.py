@@ -1,0 +1,541 @@
+"""The keyframe map: a versioned, self-contained directory built from posed images.
+
+Layout of a map directory (format version ``MAP_FORMAT_VERSION``)::
+
+    manifest.json      format version, build parameters, per-file sha256, counts
+    keyframes.npz      names [N] str, T_world_cam [N,4,4], K [N,3,3] (of the stored
+                       images), sizes [N,2] (w,h), source_K [N,3,3], source_sizes [N,2]
+    features.npz       keypoints [M,2] float32 (stored-image pixels), descriptors [M,128]
+                       uint8 SIFT, offsets [N+1], points3d [M,3] float32 world metres
+                       (NaN where unknown), point_source [M] uint8 (0 none, 1 depth, 2 triangulated)
+    retrieval.npz      global descriptors [N,D] float32 + descriptor state (VLAD vocabulary)
+    index.faiss        FAISS index over the global descriptors
+    images/NNNNNN.jpg  downscaled keyframe images (learned estimators read them)
+    cache/<name>/      optional estimator caches (e.g. Reloc3r keyframe tokens)
+
+All npz files are written and read without pickle.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import cv2
+import numpy as np
+
+from reloc_ros import __version__
+from reloc_ros.config import to_dict
+from reloc_ros.features import (FeatureConfig, Features, SiftExtractor, match_descriptors, root_sift,
+                                undistort_keypoints)
+from reloc_ros.geometry import check_pose, invert
+from reloc_ros.retrieval import RetrievalConfig, RetrievalIndex, create_descriptor
+from reloc_ros.types import Camera, InvalidInputError, PosedFrame, RelocError
+
+log = logging.getLogger("reloc_ros.maps")
+
+MAP_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+POINT_NONE, POINT_DEPTH, POINT_TRIANGULATED = 0, 1, 2
+
+
+class MapError(RelocError):
+    """A map directory is missing, corrupt, truncated, from another format version, or empty."""
+
+
+@dataclass
+class TriangulationConfig:
+    """Options for 3D points triangulated from the known keyframe poses.
+
+    neighbors: keyframes matched with each keyframe (closest in pose with overlapping view).
+    max_view_angle_deg: neighbours must look within this angle of the keyframe's axis.
+    max_epipolar_px: Sampson distance (pixels) under the known poses for a match to count.
+    max_reproj_px: reprojection error (pixels) in every view of an accepted point.
+    min_angle_deg: smallest triangulation angle (over view pairs) of an accepted point.
+    """
+
+    neighbors: int = 10
+    max_view_angle_deg: float = 60.0
+    max_epipolar_px: float = 2.0
+    max_reproj_px: float = 2.0
+    min_angle_deg: float = 2.0
+
+
+@dataclass
+class MapBuildConfig:
+    """Options of ``build_map`` (recorded in the manifest).
+
+    use_depth: take 3D points from depth where the dataset has it (else triangulate).
+    triangulate: triangulate keypoints that have no depth point from the known poses.
+    image_max_size: long side (pixels) of the stored keyframe images.
+    max_depth_m / min_depth_m: valid depth range.
+    depth_edge_ratio: reject depth at discontinuities (3x3 max/min ratio above this).
+    """
+
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    triangulation: TriangulationConfig = field(default_factory=TriangulationConfig)
+    use_depth: bool = True
+    triangulate: bool = True
+    image_max_size: int = 640
+    min_depth_m: float = 0.1
+    max_depth_m: float = 20.0
+    depth_edge_ratio: float = 1.05
+
+    def validate(self) -> None:
+        self.features.validate()
+        self.retrieval.validate()
+        if self.image_max_size < 64:
+            raise ValueError("image_max_size must be >= 64")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_npz(path: Path) -> Dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # zipfile.BadZipFile, ValueError, OSError on truncation
+        raise MapError(f"cannot read {path.name}: {e}") from e
+
+
+class KeyframeMap:
+    """A loaded keyframe map (read-only). See the module docstring for the layout."""
+
+    def __init__(self, path: Path, manifest: dict, kf: Dict[str, np.ndarray], feats: Dict[str, np.ndarray],
+                 retrieval: Dict[str, np.ndarray], index: RetrievalIndex):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.names: List[str] = [str(n) for n in kf["names"]]
+        self.T_world_cam: np.ndarray = kf["T_world_cam"].astype(np.float64)
+        self.cameras: List[Camera] = [Camera(K, int(s[0]), int(s[1])) for K, s in zip(kf["K"], kf["sizes"])]
+        self._kp = feats["keypoints"]
+        self._desc = feats["descriptors"]
+        self._off = feats["offsets"]
+        self._pts = feats["points3d"]
+        self.point_source = feats["point_source"]
+        self.global_descriptors = retrieval["global_descriptors"]
+        self.descriptor_state = {k: v for k, v in retrieval.items() if k != "global_descriptors"}
+        self.index = index
+        self._root_cache: Dict[int, np.ndarray] = {}
+
+    # -- loading ---------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True, use_gpu: bool = True) -> "KeyframeMap":
+        """Load and check a map directory; raises MapError with the reason."""
+        path = Path(path)
+        if not path.is_dir():
+            raise MapError(f"map directory {path} does not exist")
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            raise MapError(f"{path} is not a reloc_ros map (no {MANIFEST})")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MapError(f"{mpath} is corrupt: {e}") from e
+        version = manifest.get("format_version")
+        if version != MAP_FORMAT_VERSION:
+            older = isinstance(version, int) and version < MAP_FORMAT_VERSION
+            raise MapError(
+                f"map {path} has format version {version!r}, this reloc_ros reads version "
+                f"{MAP_FORMAT_VERSION}" + ("; rebuild it with `reloc-map build`" if older else "")
+            )
+        files = manifest.get("files", {})
+        for name in ("keyframes.npz", "features.npz", "retrieval.npz", "index.faiss"):
+            if name not in files:
+                raise MapError(f"manifest of {path} lists no {name}")
+        if verify:
+            for name, digest in files.items():
+                f = path / name
+                if not f.is_file():
+                    raise MapError(f"map file {f} is missing")
+                if _sha256(f) != digest:
+                    raise MapError(f"map file {f} is corrupt or truncated (checksum mismatch)")
+        kf = _load_npz(path / "keyframes.npz")
+        feats = _load_npz(path / "features.npz")
+        retr = _load_npz(path / "retrieval.npz")
+        if len(kf.get("names", [])) == 0:
+            raise MapError(f"map {path} has no keyframes")
+        try:
+            index = RetrievalIndex.load(path / "index.faiss", use_gpu=use_gpu)
+        except Exception as e:
+            raise MapError(f"cannot read FAISS index of {path}: {e}") from e
+        if len(index) != len(kf["names"]):
+            raise MapError(f"map {path}: index has {len(index)} entries for {len(kf['names'])} keyframes")
+        return cls(path, manifest, kf, feats, retr, index)
+
+    # -- access ----------------------------------------------------------------------
+    @property
+    def num_keyframes(self) -> int:
+        return len(self.names)
+
+    def features(self, i: int) -> Features:
+        a, b = self._off[i], self._off[i + 1]
+        return Features(self._kp[a:b], self._desc[a:b])
+
+    def root_descriptors(self, i: int) -> np.ndarray:
+        """RootSIFT [Ni, 128] of keyframe i (memoised: queries revisit the same keyframes)."""
+        d = self._root_cache.get(i)
+        if d is None:
+            a, b = self._off[i], self._off[i + 1]
+            d = self._root_cache[i] = root_sift(self._desc[a:b])
+        return d
+
+    def points3d(self, i: int) -> np.ndarray:
+        """[Ni, 3] world points (metres) of keyframe i's keypoints, NaN where unknown."""
+        return self._pts[self._off[i]: self._off[i + 1]]
+
+    def image(self, i: int) -> np.ndarray:
+        """Stored keyframe image [H, W, 3] uint8 RGB (intrinsics: ``cameras[i]``)."""
+        f = self.path / "images" / f"{i:06d}.jpg"
+        bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise MapError(f"cannot read keyframe image {f}")
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+    def cache_dir(self, name: str) -> Path:
+        return self.path / "cache" / name
+
+    def memory_bytes(self) -> int:
+        """Bytes of the arrays held in RAM (features, points, descriptors, poses)."""
+        arrs = [self._kp, self._desc, self._off, self._pts, self.point_source, self.global_descriptors,
+                self.T_world_cam] + list(self.descriptor_state.values())
+        n = sum(a.nbytes for a in arrs)
+        n += sum(v.nbytes for v in self._root_cache.values())
+        return int(n + self.index.index.ntotal * self.global_descriptors.shape[1] * 4)
+
+
+# -- building ------------------------------------------------------------------------
+
+def _registered_depth(frame: PosedFrame, cfg: MapBuildConfig) -> Optional[np.ndarray]:
+    """Depth [H, W] metres in the colour camera's pixels (0 = none), from any depth camera."""
+    depth = frame.depth
+    if depth is None:
+        return None
+    depth = np.asarray(depth, np.float32)
+    dcam = frame.depth_camera or frame.camera
+    T_cd = np.eye(4) if frame.T_cam_depth is None else np.asarray(frame.T_cam_depth, np.float64)
+    h, w = frame.camera.height, frame.camera.width
+    same_geometry = (np.allclose(T_cd, np.eye(4)) and np.allclose(dcam.K, frame.camera.K)
+                     and depth.shape == (h, w))
+    if same_geometry:
+        out = depth.copy()
+    else:
+        v, u = np.nonzero(np.isfinite(depth) & (depth > 0))
+        z = depth[v, u].astype(np.float64)
+        Kd = dcam.K
+        X = np.stack([(u - Kd[0, 2]) / Kd[0, 0] * z, (v - Kd[1, 2]) / Kd[1, 1] * z, z], axis=1)
+        Xc = X @ T_cd[:3, :3].T + T_cd[:3, 3]
+        K = frame.camera.K
+        zc = Xc[:, 2]
+        ok = zc > 1e-6
+        uc = np.round(K[0, 0] * Xc[ok, 0] / zc[ok] + K[0, 2]).astype(np.int64)
+        vc = np.round(K[1, 1] * Xc[ok, 1] / zc[ok] + K[1, 2]).astype(np.int64)
+        zc = zc[ok]
+        inside = (uc >= 0) & (uc < w) & (vc >= 0) & (vc < h)
+        uc, vc, zc = uc[inside], vc[inside], zc[inside].astype(np.float32)
+        out = np.full((h, w), np.inf, np.float32)
+        np.minimum.at(out, (vc, uc), zc)  # z-buffer: nearest surface wins
+        out[~np.isfinite(out)] = 0
+    out[~np.isfinite(out)] = 0
+    out[(out < cfg.min_depth_m) | (out > cfg.max_depth_m)] = 0
+    return out
+
+
+def _depth_points(frame: PosedFrame, kps: np.ndarray, cfg: MapBuildConfig) -> np.ndarray:
+    """World points [N, 3] for keypoints [N, 2] (colour pixels) from depth; NaN where invalid."""
+    out = np.full((len(kps), 3), np.nan, np.float32)
+    depth = _registered_depth(frame, cfg)
+    if depth is None or len(kps) == 0:
+        return out
+    h, w = depth.shape
+    # Nearest valid depth in a 3x3 window, rejected at discontinuities, where a keypoint's
+    # depth is ambiguous between foreground and background.
+    big = np.where(depth > 0, depth, np.inf)
+    dmin = cv2.erode(big, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_REPLICATE)
+    dmax = cv2.dilate(depth, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_REPLICATE)
+    u = np.clip(np.round(kps[:, 0]).astype(int), 0, w - 1)
+    v = np.clip(np.round(kps[:, 1]).astype(int), 0, h - 1)
+    z = depth[v, u]
+    lo, hi = dmin[v, u], dmax[v, u]
+    ok = (z > 0) & np.isfinite(lo) & (hi <= lo * cfg.depth_edge_ratio)
+    K = frame.camera.K
+    xn = (kps[:, 0] - K[0, 2]) / K[0, 0]
+    yn = (kps[:, 1] - K[1, 2]) / K[1, 1]
+    Xc = np.stack([xn * z, yn * z, z], axis=1)
+    T = frame.T_world_cam
+    Xw = Xc @ T[:3, :3].T + T[:3, 3]
+    out[ok] = Xw[ok]
+    return out
+
+
+def _select_neighbors(T: np.ndarray, i: int, cfg: TriangulationConfig) -> np.ndarray:
+    """Keyframes whose view overlaps keyframe i's most (close, looking the same way)."""
+    c = T[:, :3, 3]
+    z = T[:, :3, 2]
+    ang = np.degrees(np.arccos(np.clip(z @ z[i], -1, 1)))
+    dist = np.linalg.norm(c - c[i], axis=1)
+    cand = np.nonzero((ang < cfg.max_view_angle_deg) & (np.arange(len(T)) != i))[0]
+    if len(cand) == 0:
+        return cand
+    scale = np.median(dist[cand]) + 1e-9
+    score = dist[cand] / scale + ang[cand] / cfg.max_view_angle_deg
+    return cand[np.argsort(score)[: cfg.neighbors]]
+
+
+def _fundamental(K1, T_w1, K2, T_w2) -> np.ndarray:
+    """F with x2^T F x1 = 0 for pixels of camera 1 and 2 (camera-to-world poses)."""
+    T21 = invert(T_w2) @ T_w1
+    R, t = T21[:3, :3], T21[:3, 3]
+    tx = np.array([[0, -t[2], t[1]], [t[2], 0, -t[0]], [-t[1], t[0], 0]])
+    return np.linalg.inv(K2).T @ tx @ R @ np.linalg.inv(K1)
+
+
+def _sampson(F, x1, x2) -> np.ndarray:
+    h1 = np.concatenate([x1, np.ones((len(x1), 1))], 1)
+    h2 = np.concatenate([x2, np.ones((len(x2), 1))], 1)
+    Fx1 = h1 @ F.T
+    Ftx2 = h2 @ F
+    num = np.sum(h2 * Fx1, axis=1) ** 2
+    den = Fx1[:, 0] ** 2 + Fx1[:, 1] ** 2 + Ftx2[:, 0] ** 2 + Ftx2[:, 1] ** 2
+    return np.sqrt(num / np.maximum(den, 1e-12))
+
+
+def _triangulate_keyframe(i: int, kps: List[np.ndarray], roots: List[np.ndarray], T: np.ndarray,
+                          Ks: List[np.ndarray], cfg: MapBuildConfig) -> np.ndarray:
+    """Multi-view DLT of keyframe i's keypoints from matches in its neighbours; [Ni, 3] (NaN = none)."""
+    tc = cfg.triangulation
+    n = len(kps[i])
+    out = np.full((n, 3), np.nan, np.float32)
+    if n == 0:
+        return out
+    nbrs = _select_neighbors(T, i, tc)
+    P = {j: Ks[j] @ invert(T[j])[:3, :] for j in [i, *nbrs]}
+    obs: List[List[tuple]] = [[] for _ in range(n)]
+    for j in nbrs:
+        m = match_descriptors(roots[i], roots[j], cfg.features.ratio, cfg.features.mutual)
+        if len(m) == 0:
+            continue
+        F = _fundamental(Ks[i], T[i], Ks[j], T[j])
+        d = _sampson(F, kps[i][m[:, 0]], kps[j][m[:, 1]])
+        for a, b in m[d < tc.max_epipolar_px]:
+            obs[a].append((j, kps[j][b]))
+    idx = np.array([a for a in range(n) if obs[a]], np.int64)
+    if len(idx) == 0:
+        return out
+    V = 1 + max(len(obs[a]) for a in idx)
+    # Views per point, padded: a padded view has an all-zero P (adds zero rows to DLT).
+    Ps = np.zeros((len(idx), V, 3, 4))
+    xs = np.zeros((len(idx), V, 2))
+    valid = np.zeros((len(idx), V), bool)
+    for r, a in enumerate(idx):
+        Ps[r, 0], xs[r, 0], valid[r, 0] = P[i], kps[i][a], True
+        for v, (j, x) in enumerate(obs[a], start=1):
+            Ps[r, v], xs[r, v], valid[r, v] = P[j], x, True
+    for _ in range(3):  # triangulate, drop views with large reprojection error, repeat
+        X = _dlt(Ps, xs, valid)
+        err = _reproj(Ps, X, xs)
+        bad = valid & (err > tc.max_reproj_px)
+        bad[:, 0] = False  # the keyframe's own observation anchors the point
+        if not bad.any():
+            break
+        valid &= ~bad
+    X = _dlt(Ps, xs, valid)
+    err = np.where(valid, _reproj(Ps, X, xs), 0)
+    depth_ok = np.all(~valid | (_depths(Ps, X) > 0), axis=1)
+    # largest angle between the rays of any two valid views
+    centres = np.zeros((len(idx), V, 3))
+    for r, a in enumerate(idx):
+        centres[r, 0] = T[i][:3, 3]
+        for v, (j, _) in enumerate(obs[a], start=1):
+            centres[r, v] = T[j][:3, 3]
+    rays = X[:, None, :] - centres
+    rays /= np.maximum(np.linalg.norm(rays, axis=2, keepdims=True), 1e-12)
+    cosm = np.einsum("pvd,pwd->pvw", rays, rays)
+    cosm = np.where(valid[:, :, None] & valid[:, None, :], cosm, 1.0)
+    max_angle = np.degrees(np.arccos(np.clip(cosm.min(axis=(1, 2)), -1, 1)))
+    ok = (valid.sum(1) >= 2) & depth_ok & np.all(err <= tc.max_reproj_px, axis=1) & (max_angle >= tc.min_angle_deg)
+    out[idx[ok]] = X[ok]
+    return out
+
+
+def _dlt(Ps: np.ndarray, xs: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    w = valid[..., None].astype(np.float64)
+    rows1 = (xs[..., 0:1] * Ps[..., 2, :] - Ps[..., 0, :]) * w
+    rows2 = (xs[..., 1:2] * Ps[..., 2, :] - Ps[..., 1, :]) * w
+    A = np.concatenate([rows1, rows2], axis=1)  # [N, 2V, 4]
+    # normalise rows so views weigh alike regardless of P's scale
+    A /= np.maximum(np.linalg.norm(A, axis=2, keepdims=True), 1e-12)
+    _, _, Vt = np.linalg.svd(A)
+    Xh = Vt[:, -1, :]
+    return Xh[:, :3] / np.where(np.abs(Xh[:, 3:]) < 1e-12, 1e-12, Xh[:, 3:])
+
+
+def _project(Ps, X):
+    Xh = np.concatenate([X, np.ones((len(X), 1))], 1)
+    return np.einsum("pvij,pj->pvi", Ps, Xh)
+
+
+def _reproj(Ps, X, xs) -> np.ndarray:
+    p = _project(Ps, X)
+    z = np.where(np.abs(p[..., 2]) < 1e-12, 1e-12, p[..., 2])
+    return np.linalg.norm(p[..., :2] / z[..., None] - xs, axis=2)
+
+
+def _depths(Ps, X) -> np.ndarray:
+    return _project(Ps, X)[..., 2]
+
+
+def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optional[MapBuildConfig] = None,
+              feature_cache: Optional[dict] = None, estimators: Sequence = (), source: str = "",
+              overwrite: bool = False) -> Path:
+    """Build a map directory from posed frames (any sequence of PosedFrame, e.g. a dataset).
+
+    Frames whose image is unreadable or whose pose is not rigid are skipped with a
+    warning (listed in the manifest). ``feature_cache`` (name -> Features) lets repeated
+    builds over the same images (leave-one-out) extract features once. ``estimators``
+    get ``build_map_cache`` called so learned estimators can cache keyframe tokens.
+    Raises MapError when no usable keyframe remains.
+    """
+    cfg = config or MapBuildConfig()
+    cfg.validate()
+    out = Path(out_dir)
+    if out.exists():
+        if not overwrite and any(out.iterdir()):
+            raise MapError(f"{out} exists and is not empty (pass overwrite)")
+        shutil.rmtree(out)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "images").mkdir(parents=True)
+    t0 = time.perf_counter()
+    extractor = SiftExtractor(cfg.features)
+    names, poses, Ks, sizes, src_K, src_sizes = [], [], [], [], [], []
+    kps, descs, pts, srcs, skipped = [], [], [], [], []
+    for idx in range(len(frames)):
+        try:
+            fr = frames[idx]
+            T = check_pose(fr.T_world_cam, f"pose of {fr.name}")
+            fr.camera.validate()
+        except (InvalidInputError, OSError) as e:
+            name = getattr(frames, "names", [None] * len(frames))[idx] or str(idx)
+            log.warning("skipping frame %s: %s", name, e)
+            skipped.append([str(name), str(e)])
+            continue
+        fr.T_world_cam = T
+        feats = feature_cache.get(fr.name) if feature_cache is not None else None
+        if feats is None:
+            feats = extractor(fr.image)
+            if feature_cache is not None:
+                feature_cache[fr.name] = feats
+        kp_ud = undistort_keypoints(feats.keypoints, fr.camera)
+        p = _depth_points(fr, kp_ud, cfg) if cfg.use_depth else np.full((len(kp_ud), 3), np.nan, np.float32)
+        # stored image: downscaled; keypoints are stored in its pixel frame
+        h, w = fr.image.shape[:2]
+        s = min(1.0, cfg.image_max_size / max(h, w))
+        k = len(names)
+        img = fr.image if fr.image.ndim == 3 else np.repeat(fr.image[:, :, None], 3, axis=2)
+        small = cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA) if s < 1 else img
+        cv2.imwrite(str(tmp / "images" / f"{k:06d}.jpg"), cv2.cvtColor(small, cv2.COLOR_RGB2BGR),
+                    [cv2.IMWRITE_JPEG_QUALITY, 92])
+        cam_s = fr.camera.scaled(small.shape[1] / w, small.shape[0] / h)
+        names.append(fr.name)
+        poses.append(T)
+        Ks.append(cam_s.K)
+        sizes.append([small.shape[1], small.shape[0]])
+        src_K.append(fr.camera.K)
+        src_sizes.append([w, h])
+        kps.append(kp_ud)
+        descs.append(feats.descriptors)
+        pts.append(p)
+        srcs.append(np.where(np.isfinite(p[:, 0]), POINT_DEPTH, POINT_NONE).astype(np.uint8))
+    if not names:
+        shutil.rmtree(tmp)
+        raise MapError("no usable keyframes: every frame was skipped" + (f" ({skipped[0][1]})" if skipped else ""))
+    t_feat = time.perf_counter()
+    T_all = np.stack(poses)
+    if cfg.triangulate and len(names) > 1:
+        roots = [root_sift(d) for d in descs]
+        src_Ks = [np.asarray(K) for K in src_K]
+        for i in range(len(names)):
+            need = ~np.isfinite(pts[i][:, 0])
+            if not need.any():
+                continue
+            tri = _triangulate_keyframe(i, kps, roots, T_all, src_Ks, cfg)
+            fill = need & np.isfinite(tri[:, 0])
+            pts[i][fill] = tri[fill]
+            srcs[i][fill] = POINT_TRIANGULATED
+    t_tri = time.perf_counter()
+    # keypoints move to the stored image's pixel frame (scale about pixel corners)
+    kps_s = []
+    for k in range(len(names)):
+        sx = sizes[k][0] / src_sizes[k][0]
+        sy = sizes[k][1] / src_sizes[k][1]
+        kps_s.append(((kps[k] + 0.5) * [sx, sy] - 0.5).astype(np.float32))
+    feats_all = [Features(kp, d) for kp, d in zip(kps, descs)]
+    descriptor = create_descriptor(cfg.retrieval)
+    descriptor.fit(feats_all)
+    G = np.stack([descriptor.describe(f) for f in feats_all]).astype(np.float32)
+    index = RetrievalIndex.build(G, cfg.retrieval)
+    index.save(tmp / "index.faiss")
+    np.savez(tmp / "keyframes.npz", names=np.array(names, dtype=str), T_world_cam=T_all,
+             K=np.stack(Ks), sizes=np.array(sizes, np.int32), source_K=np.stack(src_K),
+             source_sizes=np.array(src_sizes, np.int32))
+    offsets = np.concatenate([[0], np.cumsum([len(k) for k in kps_s])]).astype(np.int64)
+    np.savez(tmp / "features.npz", keypoints=np.concatenate(kps_s), descriptors=np.concatenate(descs),
+             offsets=offsets, points3d=np.concatenate(pts).astype(np.float32),
+             point_source=np.concatenate(srcs))
+    np.savez(tmp / "retrieval.npz", global_descriptors=G, **descriptor.state())
+    n_pts = int(sum(np.isfinite(p[:, 0]).sum() for p in pts))
+    manifest = {
+        "format_version": MAP_FORMAT_VERSION,
+        "reloc_ros_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "source": source,
+        "build_config": to_dict(cfg),
+        "num_keyframes": len(names),
+        "num_keypoints": int(offsets[-1]),
+        "num_points3d": n_pts,
+        "num_points_from_depth": int(sum((s == POINT_DEPTH).sum() for s in srcs)),
+        "num_points_triangulated": int(sum((s == POINT_TRIANGULATED).sum() for s in srcs)),
+        "global_descriptor": descriptor.name,
+        "faiss_index": type(index.index).__name__,
+        "skipped_frames": skipped,
+        "build_seconds": {"features": round(t_feat - t0, 2), "triangulation": round(t_tri - t_feat, 2),
+                          "total": round(time.perf_counter() - t0, 2)},
+        "files": {},
+    }
+    _write_manifest(tmp, manifest)
+    tmp.rename(out)
+    if estimators:
+        kmap = KeyframeMap.load(out)
+        for est in estimators:
+            d = kmap.cache_dir(est.name)
+            d.mkdir(parents=True, exist_ok=True)
+            est.build_map_cache(kmap, d)
+        _write_manifest(out, manifest)
+    log.info("built map %s: %d keyframes, %d 3D points in %.1f s", out, len(names), n_pts,
+             time.perf_counter() - t0)
+    return out
+
+
+def _write_manifest(root: Path, manifest: dict) -> None:
+    files = {}
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and f.name != MANIFEST:
+            files[str(f.relative_to(root))] = _sha256(f)
+    manifest["files"] = files
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
