@@ -117,6 +117,20 @@ def parse_kv(items: list | None) -> dict:
     return out
 
 
+def nest_dotted(flat: Mapping[str, Any]) -> dict:
+    """{'a.b': 1} -> {'a': {'b': 1}}: dotted command-line keys for nested dataclasses."""
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"option {key!r} conflicts with a non-nested value of {part!r}")
+        node[parts[-1]] = value
+    return out
+
+
 def to_dict(obj: Any) -> dict:
     """Dataclass -> plain dict (for manifests and logs)."""
     return dataclasses.asdict(obj)

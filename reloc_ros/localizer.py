@@ -76,11 +76,9 @@ class Localizer:
         self.descriptor.load_state(kmap.descriptor_state)
         self.estimator = create(self.config.estimator, self.config.estimator_options)
         self.estimator.prepare(kmap)
-        self._averaging_config = None
-        if self.config.fusion == "robust":
-            from reloc_ros.averaging import AveragingConfig
+        from reloc_ros.averaging import AveragingConfig
 
-            self._averaging_config = from_dict(AveragingConfig, self.config.averaging, "averaging")
+        self._averaging_config = from_dict(AveragingConfig, self.config.averaging, "averaging")
 
     @classmethod
     def from_map(cls, map_path: str | Path, config: Optional[LocalizerConfig] = None) -> "Localizer":
@@ -132,28 +130,20 @@ class Localizer:
         pairs = out.pairs
         if not pairs:
             return LocalizationResult(Status.NOT_LOCALIZED, message=out.message or "no usable keyframe pairs")
-        T_world_kf = self.kmap.T_world_cam[[p.keyframe_id for p in pairs]]
-        T_kf_q = np.stack([p.T_kf_query for p in pairs])
-        ids = [p.keyframe_id for p in pairs]
-        inl = [p.inliers for p in pairs]
-        if self.config.fusion == "reloc3r":
-            from reloc_ros.averaging import reloc3r_motion_averaging
+        from reloc_ros.averaging import fuse_pair_estimates, reloc3r_motion_averaging
 
-            if len(pairs) < 2:
-                return LocalizationResult(Status.NOT_LOCALIZED, message="reloc3r averaging needs >= 2 pairs",
-                                          keyframe_ids=ids, inliers=inl)
-            T = reloc3r_motion_averaging(T_world_kf, T_kf_q)
-            # The paper's method has no uncertainty model: report a broad, non-zero one.
-            cov = np.diag([1.0, 1.0, 1.0, 0.1, 0.1, 0.1])
-            return LocalizationResult(Status.OK, T, cov, 0.5, "", ids, inl)
-        from reloc_ros.averaging import robust_motion_averaging
-
-        w = np.array([p.weight for p in pairs], np.float64)
-        fr = robust_motion_averaging(T_world_kf, T_kf_q, w, self._averaging_config)
-        used = [i for i, m in zip(ids, fr.inlier_mask) if m]
-        used_inl = [n for n, m in zip(inl, fr.inlier_mask) if m]
-        return LocalizationResult(fr.status, fr.T_world_cam, fr.covariance, float(fr.confidence),
-                                  fr.message, used, used_inl)
+        # The robust fusion also supplies the uncertainty, status and pair inliers for
+        # the paper's median variant, which has no uncertainty model of its own.
+        fr = fuse_pair_estimates(pairs, self.kmap.T_world_cam, self._averaging_config)
+        used = [p for p, m in zip(pairs, fr.inlier_mask) if m]
+        res = LocalizationResult(fr.status, fr.T_world_cam, fr.covariance, float(fr.confidence), fr.message,
+                                 [p.keyframe_id for p in used], [p.inliers for p in used])
+        if self.config.fusion == "reloc3r" and res.localized:
+            T_world_kf = self.kmap.T_world_cam[[p.keyframe_id for p in pairs]]
+            res.T_world_cam = reloc3r_motion_averaging(T_world_kf, np.stack([p.T_kf_query for p in pairs]))
+            res.keyframe_ids = [p.keyframe_id for p in pairs]
+            res.inliers = [p.inliers for p in pairs]
+        return res
 
 
 def _ms(a: float, b: Optional[float] = None) -> float:

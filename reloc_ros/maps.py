@@ -23,6 +23,7 @@ import json
 import logging
 import shutil
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -130,7 +131,9 @@ class KeyframeMap:
         self.global_descriptors = retrieval["global_descriptors"]
         self.descriptor_state = {k: v for k, v in retrieval.items() if k != "global_descriptors"}
         self.index = index
-        self._root_cache: Dict[int, np.ndarray] = {}
+        # RootSIFT is 4x the stored uint8 SIFT: keep only recently used keyframes
+        # (consecutive queries mostly retrieve the same ones), so RAM stays bounded.
+        self._root_cache: "OrderedDict[int, np.ndarray]" = OrderedDict()
 
     # -- loading ---------------------------------------------------------------------
     @classmethod
@@ -186,12 +189,17 @@ class KeyframeMap:
         a, b = self._off[i], self._off[i + 1]
         return Features(self._kp[a:b], self._desc[a:b])
 
+    ROOT_CACHE_SIZE = 64
+
     def root_descriptors(self, i: int) -> np.ndarray:
-        """RootSIFT [Ni, 128] of keyframe i (memoised: queries revisit the same keyframes)."""
-        d = self._root_cache.get(i)
+        """RootSIFT [Ni, 128] float32 of keyframe i (LRU-cached)."""
+        d = self._root_cache.pop(i, None)
         if d is None:
             a, b = self._off[i], self._off[i + 1]
-            d = self._root_cache[i] = root_sift(self._desc[a:b])
+            d = root_sift(self._desc[a:b])
+        self._root_cache[i] = d
+        if len(self._root_cache) > self.ROOT_CACHE_SIZE:
+            self._root_cache.popitem(last=False)
         return d
 
     def points3d(self, i: int) -> np.ndarray:
@@ -210,7 +218,8 @@ class KeyframeMap:
         return self.path / "cache" / name
 
     def memory_bytes(self) -> int:
-        """Bytes of the arrays held in RAM (features, points, descriptors, poses)."""
+        """Bytes of the arrays held in RAM (features, points, descriptors, poses, and the
+        bounded RootSIFT cache of recently used keyframes)."""
         arrs = [self._kp, self._desc, self._off, self._pts, self.point_source, self.global_descriptors,
                 self.T_world_cam] + list(self.descriptor_state.values())
         n = sum(a.nbytes for a in arrs)
@@ -283,17 +292,22 @@ def _depth_points(frame: PosedFrame, kps: np.ndarray, cfg: MapBuildConfig) -> np
 
 
 def _select_neighbors(T: np.ndarray, i: int, cfg: TriangulationConfig) -> np.ndarray:
-    """Keyframes whose view overlaps keyframe i's most (close, looking the same way)."""
+    """Keyframes to triangulate keyframe i's points with: looking the same way, spread in baseline.
+
+    Nearest keyframes alone give tiny triangulation angles (depth error grows as
+    1/angle), so the candidates are sampled evenly over their distance ranks: a few
+    near ones for matching robustness, the rest wide-baseline for accuracy.
+    """
     c = T[:, :3, 3]
     z = T[:, :3, 2]
     ang = np.degrees(np.arccos(np.clip(z @ z[i], -1, 1)))
     dist = np.linalg.norm(c - c[i], axis=1)
     cand = np.nonzero((ang < cfg.max_view_angle_deg) & (np.arange(len(T)) != i))[0]
-    if len(cand) == 0:
+    if len(cand) <= cfg.neighbors:
         return cand
-    scale = np.median(dist[cand]) + 1e-9
-    score = dist[cand] / scale + ang[cand] / cfg.max_view_angle_deg
-    return cand[np.argsort(score)[: cfg.neighbors]]
+    cand = cand[np.argsort(dist[cand])]
+    pick = np.unique(np.round(np.linspace(0, len(cand) - 1, cfg.neighbors)).astype(int))
+    return cand[pick]
 
 
 def _fundamental(K1, T_w1, K2, T_w2) -> np.ndarray:
@@ -315,7 +329,8 @@ def _sampson(F, x1, x2) -> np.ndarray:
 
 
 def _triangulate_keyframe(i: int, kps: List[np.ndarray], roots: List[np.ndarray], T: np.ndarray,
-                          Ks: List[np.ndarray], cfg: MapBuildConfig) -> np.ndarray:
+                          Ks: List[np.ndarray], cfg: MapBuildConfig, names: List[str],
+                          cache: Optional[dict] = None) -> np.ndarray:
     """Multi-view DLT of keyframe i's keypoints from matches in its neighbours; [Ni, 3] (NaN = none)."""
     tc = cfg.triangulation
     n = len(kps[i])
@@ -326,7 +341,12 @@ def _triangulate_keyframe(i: int, kps: List[np.ndarray], roots: List[np.ndarray]
     P = {j: Ks[j] @ invert(T[j])[:3, :] for j in [i, *nbrs]}
     obs: List[List[tuple]] = [[] for _ in range(n)]
     for j in nbrs:
-        m = match_descriptors(roots[i], roots[j], cfg.features.ratio, cfg.features.mutual)
+        key = ("matches", names[i], names[j])
+        m = cache.get(key) if cache is not None else None
+        if m is None:
+            m = match_descriptors(roots[i], roots[j], cfg.features.ratio, cfg.features.mutual)
+            if cache is not None:
+                cache[key] = m
         if len(m) == 0:
             continue
         F = _fundamental(Ks[i], T[i], Ks[j], T[j])
@@ -405,8 +425,8 @@ def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optiona
     """Build a map directory from posed frames (any sequence of PosedFrame, e.g. a dataset).
 
     Frames whose image is unreadable or whose pose is not rigid are skipped with a
-    warning (listed in the manifest). ``feature_cache`` (name -> Features) lets repeated
-    builds over the same images (leave-one-out) extract features once. ``estimators``
+    warning (listed in the manifest). ``feature_cache`` (a dict the caller keeps) lets repeated
+    builds over the same images (leave-one-out) extract features and match pairs once. ``estimators``
     get ``build_map_cache`` called so learned estimators can cache keyframe tokens.
     Raises MapError when no usable keyframe remains.
     """
@@ -474,7 +494,7 @@ def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optiona
             need = ~np.isfinite(pts[i][:, 0])
             if not need.any():
                 continue
-            tri = _triangulate_keyframe(i, kps, roots, T_all, src_Ks, cfg)
+            tri = _triangulate_keyframe(i, kps, roots, T_all, src_Ks, cfg, names, feature_cache)
             fill = need & np.isfinite(tri[:, 0])
             pts[i][fill] = tri[fill]
             srcs[i][fill] = POINT_TRIANGULATED

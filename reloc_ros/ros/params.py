@@ -1,0 +1,250 @@
+"""The node's ROS parameters as one typed dataclass, declared and validated once at start.
+
+``NodeParams`` holds every parameter with its default; ``PARAM_DOCS`` describes each one
+(the same text goes into the ROS ParameterDescriptor and ``config/reloc.yaml``).
+``NodeParams.from_dict`` is the single validation point and raises ValueError with the
+parameter name in the message. Times are seconds, rates Hz.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Mapping
+
+import yaml
+
+TF_MODES = ("map_to_odom", "map_to_base", "none")
+PROCESSING_MODES = ("continuous", "trigger")
+IMAGE_TRANSPORTS = ("raw", "compressed")
+IMAGE_QOS = ("sensor_data", "reliable", "best_effort", "system_default")
+
+
+@dataclass(frozen=True)
+class NodeParams:
+    """Configuration of ``reloc_node`` (see PARAM_DOCS for each field)."""
+
+    map_path: str = ""
+    estimator: str = "geometric"
+    estimator_options: str = "{}"
+    localizer_options: str = "{}"
+    top_k: int = 10
+    image_transport: str = "raw"
+    image_qos: str = "sensor_data"
+    image_qos_depth: int = 5
+    map_frame: str = "map"
+    odom_frame: str = "odom"
+    base_frame: str = "base_link"
+    camera_frame: str = ""
+    tf_mode: str = "map_to_odom"
+    transform_tolerance: float = 0.2
+    tf_publish_rate: float = 20.0
+    tf_timeout: float = 0.3
+    camera_info_timeout: float = 1.0
+    processing_mode: str = "continuous"
+    max_rate: float = 2.0
+    min_confidence: float = 0.0
+    publish_degenerate: bool = True
+    amcl_seeding: bool = False
+    initialpose_topic: str = "/initialpose"
+    publish_markers: bool = False
+    diagnostics_period: float = 1.0
+    input_timeout: float = 5.0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "NodeParams":
+        """Build and validate from a name -> value mapping; unknown names raise ValueError."""
+        names = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"unknown parameter(s): {', '.join(unknown)}")
+        kw: Dict[str, Any] = {}
+        for name, value in d.items():
+            kind = type(getattr(cls(), name))
+            kw[name] = _coerce(name, value, kind)
+        p = cls(**kw)
+        p.validate()
+        return p
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first parameter whose value is unusable."""
+        _choice("image_transport", self.image_transport, IMAGE_TRANSPORTS)
+        _choice("image_qos", self.image_qos, IMAGE_QOS)
+        _choice("tf_mode", self.tf_mode, TF_MODES)
+        _choice("processing_mode", self.processing_mode, PROCESSING_MODES)
+        if not self.estimator.strip():
+            raise ValueError("estimator must name an estimator (e.g. 'geometric')")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.image_qos_depth < 1:
+            raise ValueError(f"image_qos_depth must be >= 1, got {self.image_qos_depth}")
+        for name in ("transform_tolerance", "tf_publish_rate", "tf_timeout", "camera_info_timeout", "max_rate",
+                     "input_timeout"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        if not (math.isfinite(self.diagnostics_period) and self.diagnostics_period > 0):
+            raise ValueError(f"diagnostics_period must be > 0 s, got {self.diagnostics_period}")
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise ValueError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
+        for name in ("map_frame", "odom_frame"):
+            if not getattr(self, name).strip("/ "):
+                raise ValueError(f"{name} must not be empty")
+        if self.tf_mode == "map_to_base" and not self.base_frame.strip("/ "):
+            raise ValueError("tf_mode 'map_to_base' needs base_frame")
+        if self.tf_mode == "map_to_odom" and not self.base_frame.strip("/ "):
+            raise ValueError("tf_mode 'map_to_odom' needs base_frame (map->odom is map->base composed with odom->base)")
+        if self.amcl_seeding and self.tf_mode != "none":
+            raise ValueError("amcl_seeding needs tf_mode 'none': AMCL publishes map->odom itself and two "
+                             "publishers of one transform fight")
+        if self.amcl_seeding and not self.initialpose_topic.strip():
+            raise ValueError("amcl_seeding needs initialpose_topic")
+        self.estimator_options_dict()
+        self.localizer_options_dict()
+
+    def estimator_options_dict(self) -> Dict[str, Any]:
+        """``estimator_options`` parsed (YAML/JSON mapping) -> dict; ValueError if not a mapping."""
+        return _mapping("estimator_options", self.estimator_options)
+
+    def localizer_options_dict(self) -> Dict[str, Any]:
+        """``localizer_options`` parsed -> dict of extra LocalizerConfig fields."""
+        d = _mapping("localizer_options", self.localizer_options)
+        clash = {"estimator", "estimator_options", "top_k"} & set(d)
+        if clash:
+            raise ValueError(f"localizer_options must not set {sorted(clash)}: they are node parameters")
+        return d
+
+    def localizer_config_dict(self) -> Dict[str, Any]:
+        """The mapping handed to ``LocalizerConfig.from_dict``."""
+        d = dict(self.localizer_options_dict())
+        d.update(estimator=self.estimator, estimator_options=self.estimator_options_dict(), top_k=self.top_k)
+        return d
+
+    def replace(self, **changes: Any) -> "NodeParams":
+        """A validated copy with some fields changed."""
+        p = dataclasses.replace(self, **changes)
+        p.validate()
+        return p
+
+
+PARAM_DOCS: Dict[str, str] = {
+    "map_path": "Keyframe map directory built with reloc-map. Empty or unusable: the node starts, reports "
+                "ERROR on /diagnostics and localizes after ~/reload_map loads a good map. Read again by "
+                "~/reload_map, so it can be changed at run time.",
+    "estimator": "Pose estimator of the core library: geometric (CPU: SIFT, PnP or essential matrices), "
+                 "reloc3r, vggt-fused.",
+    "estimator_options": "Estimator options as a YAML/JSON mapping string, e.g. "
+                         "\"{mode: pnp, pnp_max_reproj_px: 4.0}\".",
+    "localizer_options": "Extra LocalizerConfig fields as a YAML/JSON mapping string (not estimator/top_k).",
+    "top_k": "Number of keyframes retrieved per query.",
+    "image_transport": "raw (sensor_msgs/Image on 'image') or compressed (CompressedImage on 'image/compressed').",
+    "image_qos": "QoS of the image and camera_info subscriptions: sensor_data (best effort, depth "
+                 "image_qos_depth; receives from reliable and best-effort publishers), reliable, best_effort, "
+                 "system_default.",
+    "image_qos_depth": "History depth of the image subscriptions (only the newest frame is processed anyway).",
+    "map_frame": "Fixed frame of the map; header frame of ~/pose and parent of the published TF.",
+    "odom_frame": "Odometry frame (REP-105); child of the published map->odom.",
+    "base_frame": "Robot body frame. ~/pose is this frame's pose (camera pose composed with the "
+                  "base_frame->camera TF). Empty: ~/pose is the camera's pose and no body TF is needed.",
+    "camera_frame": "Camera optical frame; empty uses the image header's frame_id.",
+    "tf_mode": "map_to_odom (REP-105, default), map_to_base (robots without odometry), none.",
+    "transform_tolerance": "Seconds the published TF is post-dated, so consumers can use it until the next "
+                           "broadcast without extrapolation errors.",
+    "tf_publish_rate": "Hz at which the last map->odom (or map->base) is re-broadcast between fixes "
+                       "(0: only on fixes).",
+    "tf_timeout": "Seconds the worker waits for odom->base and base->camera at the image stamp.",
+    "camera_info_timeout": "Seconds the worker waits for a first CameraInfo before failing a frame.",
+    "processing_mode": "continuous (localize the newest frame, at most max_rate Hz) or trigger (only after "
+                       "~/trigger).",
+    "max_rate": "Continuous mode: maximum localization rate in Hz of image-stamp time (0: as fast as possible).",
+    "min_confidence": "Results with a lower confidence (0..1) are not published; diagnostics says why.",
+    "publish_degenerate": "Publish DEGENERATE results (a pose whose covariance shows a weak direction).",
+    "amcl_seeding": "Also publish the pose of the first fix after start, ~/enable, ~/reload_map and each "
+                    "~/trigger on initialpose_topic to seed AMCL (needs tf_mode none).",
+    "initialpose_topic": "Topic for AMCL seeding.",
+    "publish_markers": "Publish visualization_msgs/MarkerArray on ~/markers (used keyframes, estimate).",
+    "diagnostics_period": "Seconds between /diagnostics messages (also sent at once when the status changes).",
+    "input_timeout": "Seconds without an image after which diagnostics warns of a stalled input (0: never).",
+}
+
+# Parameters that may change at run time; the rest are read-only after start.
+DYNAMIC_PARAMS = frozenset({"map_path"})
+
+
+def _choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def _mapping(name: str, text: str) -> Dict[str, Any]:
+    try:
+        d = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{name} is not valid YAML/JSON: {e}") from None
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ValueError(f"{name} must be a mapping, got {type(d).__name__}: {text!r}")
+    return d
+
+
+def declare_params(node) -> NodeParams:
+    """Declare every parameter on an rclpy node (with descriptions) and return them validated.
+
+    Raises ValueError on a bad value; the node should refuse to start then.
+    """
+    from rcl_interfaces.msg import ParameterDescriptor
+
+    values: Dict[str, Any] = {}
+    defaults = NodeParams()
+    for f in fields(NodeParams):
+        default = getattr(defaults, f.name)
+        # dynamic typing lets `-p max_rate:=2` (an integer) set a float parameter; from_dict
+        # then checks every type, so nothing unchecked gets through.
+        desc = ParameterDescriptor(description=PARAM_DOCS[f.name], read_only=f.name not in DYNAMIC_PARAMS,
+                                   dynamic_typing=isinstance(default, float))
+        p = node.declare_parameter(f.name, default, desc)
+        values[f.name] = p.value
+    return NodeParams.from_dict(values)
+
+
+def render_yaml() -> str:
+    """config/reloc.yaml: every parameter with its default and its description as a comment."""
+    import json
+    import textwrap
+
+    lines = [
+        "# reloc_node parameters: every parameter with its default.",
+        "# Use: ros2 launch reloc_ros reloc.launch.py map:=/path/to/map params_file:=this_file",
+        "#  or: ros2 run reloc_ros reloc_node --ros-args --params-file config/reloc.yaml",
+        "# Only map_path can change at run time (then call ~/reload_map); the rest are read at start.",
+        "# Times in seconds, rates in Hz, frames as ROS frame ids. Generated by",
+        "# reloc_ros.ros.params.render_yaml(); test_ros_params checks it stays in sync.",
+        "reloc_node:",
+        "  ros__parameters:",
+    ]
+    d = NodeParams()
+    for f in fields(NodeParams):
+        v = getattr(d, f.name)
+        lines += ["    # " + line for line in textwrap.wrap(PARAM_DOCS[f.name], 92)]
+        text = ("true" if v else "false") if isinstance(v, bool) else json.dumps(v) if isinstance(v, str) else repr(v)
+        lines.append(f"    {f.name}: {text}")
+    return "\n".join(lines) + "\n"

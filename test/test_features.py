@@ -1,0 +1,53 @@
+import cv2
+import numpy as np
+import pytest
+
+from reloc_ros.features import FeatureConfig, SiftExtractor, match_descriptors, root_sift, to_grey
+from reloc_ros.types import InvalidInputError
+
+
+def _image(seven_scenes, n=100):
+    bgr = cv2.imread(str(seven_scenes / f"frame-{n:06d}.color.jpg"))
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def test_keypoints_follow_a_known_homography(seven_scenes):
+    img = _image(seven_scenes)
+    H = np.array([[0.92, 0.08, 25.0], [-0.06, 0.97, 12.0], [0.0, 0.0, 1.0]])
+    warped = cv2.warpPerspective(img, H, (img.shape[1], img.shape[0]), flags=cv2.INTER_LINEAR)
+    ex = SiftExtractor()
+    fa, fb = ex(img), ex(warped)
+    m = match_descriptors(fa.root(), fb.root())
+    assert len(m) > 300
+    proj = cv2.perspectiveTransform(fa.keypoints[m[:, 0]].reshape(-1, 1, 2).astype(np.float64), H).reshape(-1, 2)
+    err = np.linalg.norm(proj - fb.keypoints[m[:, 1]], axis=1)
+    assert np.median(err) < 0.5  # sub-pixel keypoints
+    assert np.mean(err < 2.0) > 0.9  # matches are overwhelmingly correct
+
+
+def test_downscaled_extraction_reports_full_resolution_pixels(seven_scenes):
+    img = _image(seven_scenes)
+    full = SiftExtractor(FeatureConfig(max_image_size=640))(img)
+    half = SiftExtractor(FeatureConfig(max_image_size=320))(img)
+    m = match_descriptors(half.root(), full.root())
+    err = np.linalg.norm(half.keypoints[m[:, 0]] - full.keypoints[m[:, 1]], axis=1)
+    assert len(m) > 100 and np.median(err) < 1.0
+
+
+def test_max_keypoints_and_rootsift_norm(seven_scenes):
+    f = SiftExtractor(FeatureConfig(max_keypoints=100))(_image(seven_scenes))
+    assert len(f) == 100 and f.descriptors.dtype == np.uint8
+    np.testing.assert_allclose(np.linalg.norm(root_sift(f.descriptors), axis=1), 1.0, atol=1e-5)
+
+
+def test_blank_image_gives_no_features_and_no_matches():
+    f = SiftExtractor()(np.full((480, 640, 3), 128, np.uint8))
+    assert len(f) == 0
+    assert match_descriptors(f.root(), np.ones((5, 128), np.float32)).shape == (0, 2)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((0, 0, 3), np.uint8), np.zeros((4, 4, 5), np.uint8),
+                                 np.zeros((4, 4), np.float32)])
+def test_unusable_images_raise_clear_errors(bad):
+    with pytest.raises(InvalidInputError):
+        to_grey(bad)

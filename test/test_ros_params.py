@@ -1,0 +1,68 @@
+"""The node's parameters: one typed dataclass, validated once, documented in config/reloc.yaml."""
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reloc_ros.ros.params import PARAM_DOCS, NodeParams, render_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_valid_and_documented():
+    p = NodeParams()
+    p.validate()
+    assert set(PARAM_DOCS) == {f.name for f in fields(NodeParams)}
+    assert all(len(doc) > 20 for doc in PARAM_DOCS.values())
+
+
+def test_shipped_yaml_lists_every_parameter_with_its_default():
+    text = (REPO / "config" / "reloc.yaml").read_text()
+    assert text == render_yaml(), "config/reloc.yaml is out of date: regenerate with render_yaml()"
+    values = yaml.safe_load(text)["reloc_node"]["ros__parameters"]
+    assert NodeParams.from_dict(values) == NodeParams()
+    for name in values:  # each parameter carries a comment
+        assert f"    {name}:" in text
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"tf_mode": "map_to_bse"}, "tf_mode must be one of"),
+    ({"processing_mode": "sometimes"}, "processing_mode"),
+    ({"image_transport": "theora"}, "image_transport"),
+    ({"image_qos": "fast"}, "image_qos"),
+    ({"max_rate": -1.0}, "max_rate"),
+    ({"transform_tolerance": float("nan")}, "transform_tolerance"),
+    ({"diagnostics_period": 0.0}, "diagnostics_period"),
+    ({"min_confidence": 1.5}, "min_confidence"),
+    ({"top_k": 0}, "top_k"),
+    ({"top_k": 2.5}, "top_k must be an integer"),
+    ({"publish_markers": "yes"}, "publish_markers must be a bool"),
+    ({"amcl_seeding": True}, "amcl_seeding needs tf_mode 'none'"),
+    ({"base_frame": ""}, "needs base_frame"),
+    ({"estimator_options": "[1, 2]"}, "estimator_options must be a mapping"),
+    ({"estimator_options": "{a: [1"}, "not valid YAML"),
+    ({"localizer_options": "{top_k: 3}"}, "must not set"),
+    ({"no_such_param": 1}, "unknown parameter"),
+])
+def test_bad_values_are_refused_with_the_parameter_named(bad, match):
+    with pytest.raises(ValueError, match=match):
+        NodeParams.from_dict(bad)
+
+
+def test_integers_are_accepted_for_float_parameters():
+    p = NodeParams.from_dict({"max_rate": 3, "transform_tolerance": 0})
+    assert p.max_rate == 3.0 and isinstance(p.max_rate, float)
+
+
+def test_localizer_config_mapping():
+    p = NodeParams.from_dict({"estimator": "geometric", "estimator_options": '{"mode": "pnp"}', "top_k": 7,
+                              "localizer_options": "{fusion: robust}"})
+    assert p.localizer_config_dict() == {"fusion": "robust", "estimator": "geometric",
+                                         "estimator_options": {"mode": "pnp"}, "top_k": 7}
+
+
+def test_consistent_modes_are_accepted():
+    p = NodeParams.from_dict({"amcl_seeding": True, "tf_mode": "none", "base_frame": ""})
+    assert p.amcl_seeding and p.tf_mode == "none"
+    assert NodeParams.from_dict({"tf_mode": "map_to_base"}).tf_mode == "map_to_base"
