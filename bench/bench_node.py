@@ -166,12 +166,20 @@ def main(argv=None) -> int:
               f"skipped (max_rate) {skipped}, localized/processed {processed} "
               f"({processed / args.duration:.2f} Hz), poses published "
               f"{d1.count('poses_published') - d0.count('poses_published')}")
-        if len(s):
-            half = s[s[:, 0] >= s[-1, 0] / 2]
-            slope = np.polyfit(half[:, 0], half[:, 2], 1)[0] * 60 if len(half) > 2 else float("nan")
+        if len(s) >= 6:
+            # Localizing a frame briefly holds ~25 MB of working memory, so single samples
+            # swing; a leak shows as a rising floor: compare medians of the first and last
+            # thirds and fit the per-10-s minimum.
+            T = s[-1, 0]
+            first, last = s[s[:, 0] <= T / 3, 2], s[s[:, 0] >= 2 * T / 3, 2]
+            win = np.floor(s[:, 0] / 10.0)
+            floors = np.array([[s[win == w, 0].mean(), s[win == w, 2].min()] for w in np.unique(win)])
+            slope = np.polyfit(floors[:, 0], floors[:, 1], 1)[0] * 60 if len(floors) > 2 else float("nan")
             print(f"node CPU (% of one core): mean {s[:, 1].mean():.0f}, p90 {_pct(s[:, 1], 90):.0f}")
-            print(f"node RSS (MB): start {s[0, 2]:.0f}, end {s[-1, 2]:.0f}, max {s[:, 2].max():.0f}, "
-                  f"trend over the second half {slope:+.2f} MB/min")
+            print(f"node RSS (MB): first {s[0, 2]:.0f}, last {s[-1, 2]:.0f}, max {s[:, 2].max():.0f}; median of the "
+                  f"first third {np.median(first):.0f}, of the last third {np.median(last):.0f} "
+                  f"(growth {np.median(last) - np.median(first):+.1f}); slope of the 10-s floor "
+                  f"{slope:+.2f} MB/min")
         print(f"node alive at the end: {node.alive()}")
     finally:
         rp.close()

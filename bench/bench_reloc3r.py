@@ -106,47 +106,53 @@ def bench_size(name, arch, ks, backends, args, rows):
     print(f"[{name}] built {sum(x.numel() for x in net.parameters()) / 1e6:.1f}M parameters "
           f"in {time.perf_counter() - t0:.1f} s; images {H}x{W}", flush=True)
     for backend in backends:
-        work = Path(tempfile.mkdtemp(prefix=f"bench-reloc3r-{name}-"))
-        try:
-            runner = Reloc3rRunner(net, backend, args.precision, args.device, artifacts_dir=work,
-                                   max_batch=max(kmax, 1), threads=args.threads)
-        except Exception as e:  # backend not available here: say why, go on
-            print(f"[{name}] {backend}: unavailable: {e}", flush=True)
-            continue
-        # keyframe tokens as the map cache stores them (fp16), encoded once, untimed
-        kf_tokens = torch.cat([runner.encode(kf_imgs[i : i + 8]) for i in range(0, kmax, 8)]).half()
-        full = None
-        if backend == "onnxruntime":
-            t0 = time.perf_counter()
-            full = OnnxRunner(export_reloc3r_onnx(runner.net, "full", work / "full.onnx", img_hw=(H, W)),
-                              threads=args.threads)
-            print(f"[{name}] onnx export + session of the full graph: {time.perf_counter() - t0:.1f} s", flush=True)
-        for K in ks:
-            def cached():
-                fq = runner.encode(q_img)
-                t, r = runner.pairs(kf_tokens[:K].float(), grid, fq, grid)
-                return raw_to_pose(t.double(), r.double())
+        with tempfile.TemporaryDirectory(prefix=f"bench-reloc3r-{name}-") as tmp:
+            bench_backend(name, net, backend, Path(tmp), grid, kf_imgs, q_img, ks, args, rows)
 
-            def reencode():
-                a, b = kf_imgs[:K], q_img.expand(K, -1, -1, -1)
-                if backend == "torch":
-                    with torch.inference_mode():
-                        dt = runner.dtype
-                        _, p2 = runner.net({"img": a.to(args.device, dt)}, {"img": b.to(args.device, dt)})
-                        return p2["pose"]
-                out = full.run({"img1": a.numpy(), "img2": b.contiguous().numpy()})
-                return raw_to_pose(torch.from_numpy(out["t2"]).double(), torch.from_numpy(out["rot9_2"]).double())
 
-            modes = [("cached", cached)]
-            if backend in ("torch", "onnxruntime") and not args.no_reencode:
-                modes.append(("reencode", reencode))
-            for mode, fn in modes:
-                reps = args.repeats if name == "small" else args.full_repeats
-                med, mn, peak, grow, cuda = measure(fn, reps, args.device)
-                rows.append((name, backend, args.precision, mode, K, med, mn, med / K, peak, grow, cuda))
-                print(f"[{name}] {backend:11s} {mode:8s} K={K:2d}: {med:9.1f} ms (min {mn:.1f}), "
-                      f"peak RSS {peak:.0f} MB (+{grow:.0f})", flush=True)
-        del runner, full
+def bench_backend(name, net, backend, work, grid, kf_imgs, q_img, ks, args, rows):
+    """Rows for one backend: cached and re-encode latency for each K."""
+    H, W = q_img.shape[-2:]
+    kmax = max(ks)
+    try:
+        runner = Reloc3rRunner(net, backend, args.precision, args.device, artifacts_dir=work,
+                               max_batch=max(kmax, 1), threads=args.threads)
+    except Exception as e:  # backend not available here: say why, go on
+        print(f"[{name}] {backend}: unavailable: {e}", flush=True)
+        return
+    # keyframe tokens as the map cache stores them (fp16), encoded once, untimed
+    kf_tokens = torch.cat([runner.encode(kf_imgs[i : i + 8]) for i in range(0, kmax, 8)]).half()
+    full = None
+    if backend == "onnxruntime":
+        t0 = time.perf_counter()
+        full = OnnxRunner(export_reloc3r_onnx(runner.net, "full", work / "full.onnx", img_hw=(H, W)),
+                          threads=args.threads)
+        print(f"[{name}] onnx export + session of the full graph: {time.perf_counter() - t0:.1f} s", flush=True)
+    for K in ks:
+        def cached():
+            fq = runner.encode(q_img)
+            t, r = runner.pairs(kf_tokens[:K].float(), grid, fq, grid)
+            return raw_to_pose(t.double(), r.double())
+
+        def reencode():
+            a, b = kf_imgs[:K], q_img.expand(K, -1, -1, -1)
+            if backend == "torch":
+                with torch.inference_mode():
+                    dt = runner.dtype
+                    _, p2 = runner.net({"img": a.to(args.device, dt)}, {"img": b.to(args.device, dt)})
+                    return p2["pose"]
+            out = full.run({"img1": a.numpy(), "img2": b.contiguous().numpy()})
+            return raw_to_pose(torch.from_numpy(out["t2"]).double(), torch.from_numpy(out["rot9_2"]).double())
+
+        modes = [("cached", cached)]
+        if backend in ("torch", "onnxruntime") and not args.no_reencode:
+            modes.append(("reencode", reencode))
+        for mode, fn in modes:
+            reps = args.repeats if name == "small" else args.full_repeats
+            med, mn, peak, grow, cuda = measure(fn, reps, args.device)
+            rows.append((name, backend, args.precision, mode, K, med, mn, med / K, peak, grow, cuda))
+            print(f"[{name}] {backend:11s} {mode:8s} K={K:2d}: {med:9.1f} ms (min {mn:.1f}), "
+                  f"peak RSS {peak:.0f} MB (+{grow:.0f})", flush=True)
 
 
 def main() -> None:
@@ -177,7 +183,7 @@ def main() -> None:
         bench_size("full", {"img_size": args.img_size}, [int(k) for k in args.full_ks.split(",")],
                    args.full_backends.split(","), args, rows)
     print()
-    print(f"| size | backend | precision | mode | K | median ms | min ms | ms / pair | peak RSS MB | RSS growth MB | peak CUDA MB |")
+    print("| size | backend | precision | mode | K | median ms | min ms | ms / pair | peak RSS MB | RSS growth MB | peak CUDA MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print("| {} | {} | {} | {} | {} | {:.1f} | {:.1f} | {:.1f} | {:.0f} | {:.0f} | {} |".format(

@@ -446,12 +446,14 @@ def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optiona
     names, poses, Ks, sizes, src_K, src_sizes = [], [], [], [], [], []
     kps, descs, pts, srcs, skipped = [], [], [], [], []
     for idx in range(len(frames)):
+        names_known = getattr(frames, "names", None)
+        name = names_known[idx] if names_known is not None else str(idx)
         try:
             fr = frames[idx]
+            name = fr.name
             T = check_pose(fr.T_world_cam, f"pose of {fr.name}")
             fr.camera.validate()
         except (InvalidInputError, OSError) as e:
-            name = getattr(frames, "names", [None] * len(frames))[idx] or str(idx)
             log.warning("skipping frame %s: %s", name, e)
             skipped.append([str(name), str(e)])
             continue

@@ -321,7 +321,7 @@ class RelocVGGTRunner:
                 if keys[i] is not None:
                     self.cache.put(keys[i], states[i])
         tag = tuple(keys) if kf_keys is not None else None
-        memo = self.cache._stack
+        memo = self.cache.stacked
         if tag is not None and memo is not None and memo[0] == tag:
             kv_k, kv_v, kf_cam = memo[1]
         else:
@@ -330,6 +330,6 @@ class RelocVGGTRunner:
             kv_v = torch.cat([s.v for s in states], dim=2)[:, None]
             kf_cam = torch.stack([s.cam for s in states])[None]
             if tag is not None:
-                self.cache._stack = (tag, (kv_k, kv_v, kf_cam), None)
+                self.cache.stacked = (tag, (kv_k, kv_v, kf_cam))
         out = self._run(self._session("query", hw), {"query": query, "kv_k": kv_k, "kv_v": kv_v, "kf_cam": kf_cam})
         return out["pose_enc_list"][-1].float().cpu()

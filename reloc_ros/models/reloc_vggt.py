@@ -147,10 +147,13 @@ class _KFState:
 class KeyframeKVCache:
     """LRU cache of per-keyframe global keys/values for the ``cached`` mask.
 
-    Keys are (user key, frame slot, pose-encoding bytes, image size, dtype): everything
-    a keyframe's tokens depend on under ``cached``, so a hit is exactly what recomputing
-    would give. ``capacity``: entries kept (each ~ 2 * depth * P * C values: 205 MB in
-    fp32 for VGGT-1B at 518x392, 13 KB... for the compact test config).
+    Keys are (user key, frame slot, pose-encoding bytes, image size, dtype, device):
+    everything a keyframe's tokens depend on under ``cached`` for fixed weights, so a hit
+    is exactly what recomputing would give. ``capacity``: entries kept; each holds
+    2 * depth * P * C values (205 MB in fp32 for VGGT-1B at 518x392, P = 1041; 41 KB for
+    the compact test config at 70x98). ``stacked`` memoises the keys/values of the last
+    keyframe list laid out for one query (reused while consecutive queries retrieve the
+    same keyframes). Not thread-safe: one cache serves one query stream.
     """
 
     def __init__(self, capacity: int = 32) -> None:
@@ -160,9 +163,7 @@ class KeyframeKVCache:
         self._d: "OrderedDict[Hashable, _KFState]" = OrderedDict()
         self.hits = 0
         self.misses = 0
-        # Last stacked key/value buffers (keys tuple -> tensors), reused while a query
-        # stream keeps retrieving the same keyframes in the same order.
-        self._stack: Optional[Tuple[Tuple, torch.Tensor, torch.Tensor]] = None
+        self.stacked: Optional[Tuple[Tuple, object]] = None  # (tuple of entry keys, backend's layout)
 
     def __len__(self) -> int:
         return len(self._d)
@@ -186,7 +187,7 @@ class KeyframeKVCache:
 
     def clear(self) -> None:
         self._d.clear()
-        self._stack = None
+        self.stacked = None
         self.hits = self.misses = 0
 
     @property
@@ -445,9 +446,9 @@ class RelocVGGT(nn.Module):
         """Key/value buffers [L, 1, h, (K+1) P, d] with the keyframes' part filled and room
         for the query's P tokens at the end; memoised for a repeated keyframe list."""
         tag = tuple(keys) if keys is not None else None
-        memo = self.kv_cache._stack
+        memo = self.kv_cache.stacked
         if tag is not None and memo is not None and memo[0] == tag:
-            return memo[1], memo[2]
+            return memo[1]
         L, h, _, d = states[0].k.shape
         K = len(states)
         kbuf = states[0].k.new_empty(L, 1, h, (K + 1) * P, d)
@@ -456,7 +457,7 @@ class RelocVGGT(nn.Module):
             kbuf[:, 0, :, i * P:(i + 1) * P] = st.k
             vbuf[:, 0, :, i * P:(i + 1) * P] = st.v
         if tag is not None:
-            self.kv_cache._stack = (tag, kbuf, vbuf)
+            self.kv_cache.stacked = (tag, (kbuf, vbuf))
         return kbuf, vbuf
 
     @torch.no_grad()
