@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared
 
-.PHONY: setup demo test bench eval clean
+.PHONY: setup demo test bench bench-node bench-models clean
 
 setup:
 	bash scripts/setup_env.sh $(VENV)
@@ -16,6 +16,13 @@ test: setup
 
 bench: setup
 	$(PY) bench/bench_core.py --shared $(SHARED)
+
+bench-node: setup
+	$(PY) bench/bench_node.py
+
+bench-models: setup
+	$(PY) bench/bench_reloc3r.py
+	$(PY) bench/bench_vggt.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

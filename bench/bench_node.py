@@ -176,6 +176,9 @@ def main(argv=None) -> int:
             floors = np.array([[s[win == w, 0].mean(), s[win == w, 2].min()] for w in np.unique(win)])
             slope = np.polyfit(floors[:, 0], floors[:, 1], 1)[0] * 60 if len(floors) > 2 else float("nan")
             print(f"node CPU (% of one core): mean {s[:, 1].mean():.0f}, p90 {_pct(s[:, 1], 90):.0f}")
+            per30 = [f"{s[(s[:, 0] >= t) & (s[:, 0] < t + 30), 2].max():.0f}" for t in range(0, int(T), 30)
+                     if np.any((s[:, 0] >= t) & (s[:, 0] < t + 30))]
+            print(f"node RSS max per 30 s window (MB): {' '.join(per30)}")
             print(f"node RSS (MB): first {s[0, 2]:.0f}, last {s[-1, 2]:.0f}, max {s[:, 2].max():.0f}; median of the "
                   f"first third {np.median(first):.0f}, of the last third {np.median(last):.0f} "
                   f"(growth {np.median(last) - np.median(first):+.1f}); slope of the 10-s floor "

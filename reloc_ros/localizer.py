@@ -30,7 +30,9 @@ class LocalizerConfig:
 
     estimator: 'geometric' | 'reloc3r' | 'vggt-fused'.
     estimator_options: the estimator's own options (see its config dataclass).
-    top_k: keyframes retrieved per query.
+    top_k: keyframes retrieved per query. 5 keeps the geometric path near its latency
+        target on a 2-core CPU (matching cost is linear in it); raise it for maps with
+        many near-duplicate or weakly overlapping keyframes.
     fusion: motion averaging of relative estimates: 'robust' (default; outlier
         rejection, degeneracy detection, covariance) or 'reloc3r' (the paper's median).
     averaging: options of the robust averaging (reloc_ros.averaging.AveragingConfig).
@@ -41,7 +43,7 @@ class LocalizerConfig:
 
     estimator: str = "geometric"
     estimator_options: Dict[str, Any] = field(default_factory=dict)
-    top_k: int = 10
+    top_k: int = 5
     fusion: Literal["robust", "reloc3r"] = "robust"
     averaging: Dict[str, Any] = field(default_factory=dict)
     features: Optional[FeatureConfig] = None

@@ -133,7 +133,7 @@ class KeyframeMap:
         self.index = index
         # RootSIFT is 4x the stored uint8 SIFT: keep only recently used keyframes
         # (consecutive queries mostly retrieve the same ones), so RAM stays bounded.
-        self._root_cache: "OrderedDict[int, np.ndarray]" = OrderedDict()
+        self._root_cache: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
 
     # -- loading ---------------------------------------------------------------------
     @classmethod
@@ -189,18 +189,25 @@ class KeyframeMap:
         a, b = self._off[i], self._off[i + 1]
         return Features(self._kp[a:b], self._desc[a:b])
 
-    ROOT_CACHE_SIZE = 64
+    ROOT_CACHE_SIZE = 128
 
-    def root_descriptors(self, i: int) -> np.ndarray:
-        """RootSIFT [Ni, 128] float32 of keyframe i (LRU-cached)."""
-        d = self._root_cache.pop(i, None)
+    def root_descriptors(self, i: int, with_points_only: bool = False) -> np.ndarray:
+        """RootSIFT [Ni, 128] float32 of keyframe i (LRU-cached); with_points_only keeps the
+        rows of ``point_index(i)`` (keypoints that have a 3D point), for 2D-3D matching."""
+        key = (i, with_points_only)
+        d = self._root_cache.pop(key, None)
         if d is None:
             a, b = self._off[i], self._off[i + 1]
-            d = root_sift(self._desc[a:b])
-        self._root_cache[i] = d
+            desc = self._desc[a:b]
+            d = root_sift(desc[self.point_index(i)] if with_points_only else desc)
+        self._root_cache[key] = d
         if len(self._root_cache) > self.ROOT_CACHE_SIZE:
             self._root_cache.popitem(last=False)
         return d
+
+    def point_index(self, i: int) -> np.ndarray:
+        """Indices (into keyframe i's keypoints) of the keypoints with a 3D point."""
+        return np.nonzero(np.isfinite(self.points3d(i)[:, 0]))[0]
 
     def points3d(self, i: int) -> np.ndarray:
         """[Ni, 3] world points (metres) of keyframe i's keypoints, NaN where unknown."""

@@ -105,7 +105,10 @@ class VladDescriptor(GlobalDescriptor):
             x = root_sift(features.descriptors)
             _, assign = self._index.search(np.ascontiguousarray(x), 1)
             assign = assign[:, 0]
-            np.add.at(out, assign, x - self.centroids[assign])
+            # sum of residuals per word as one small GEMM (np.add.at is ~10x slower)
+            onehot = np.zeros((len(x), k), np.float32)
+            onehot[np.arange(len(x)), assign] = 1.0
+            out = onehot.T @ x - onehot.sum(axis=0)[:, None] * self.centroids
         # intra-normalisation: stops bursty visual words dominating the similarity
         out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         v = out.ravel()

@@ -161,6 +161,11 @@ def test_cached_warm_cache_equals_computation_without_cache(fx):
         assert net.kv_cache.info()["entries"] == 0
     with pytest.raises(InvalidInputError, match="one query at a time"):
         net(torch.rand(2, 3, *HW), torch.rand(2, 3, 3, *HW), None, mask="cached")
+    for mask in ("dense", "star", "cached"):
+        with pytest.raises(InvalidInputError, match="kf_pose_enc"):
+            net(q, kf, enc[:, :2], mask=mask)
+        with pytest.raises(InvalidInputError, match="keyframes"):
+            net(q, kf[:, :, :, :14], None, mask=mask)
 
 
 def test_known_poses_are_encoded_relative_to_the_reference_and_scale_normalised():

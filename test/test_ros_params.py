@@ -66,3 +66,10 @@ def test_consistent_modes_are_accepted():
     p = NodeParams.from_dict({"amcl_seeding": True, "tf_mode": "none", "base_frame": ""})
     assert p.amcl_seeding and p.tf_mode == "none"
     assert NodeParams.from_dict({"tf_mode": "map_to_base"}).tf_mode == "map_to_base"
+
+
+def test_node_defaults_agree_with_the_core():
+    from reloc_ros.localizer import LocalizerConfig
+
+    assert NodeParams().top_k == LocalizerConfig().top_k
+    assert NodeParams().estimator == LocalizerConfig().estimator

@@ -243,8 +243,8 @@ class RelocVGGT(nn.Module):
         p = self.config.patch_size
         return self.aggregator.rope(H // p, W // p, device)
 
-    def _add_pose_tokens(self, tokens: torch.Tensor, B: int, S: int, kf_pose_enc: Optional[torch.Tensor],
-                         query_last: bool = True) -> torch.Tensor:
+    def _add_pose_tokens(self, tokens: torch.Tensor, B: int, S: int, kf_pose_enc: Optional[torch.Tensor]
+                         ) -> torch.Tensor:
         """tokens [B*S, P, C] with frames (keyframes..., query); adds the tokenizer output
         to each camera token (nothing at all when ``kf_pose_enc`` is None)."""
         if kf_pose_enc is None:
@@ -272,10 +272,17 @@ class RelocVGGT(nn.Module):
         if H % p or W % p or H == 0 or W == 0:
             raise InvalidInputError(f"image size {H}x{W} is not a positive multiple of the patch size {p}")
         if keyframes is not None:
-            if keyframes.dim() != 5 or keyframes.shape[0] != B or keyframes.shape[2:] != query.shape[1:]:
+            if (keyframes.dim() != 5 or keyframes.shape[0] != B or keyframes.shape[2:] != query.shape[1:]
+                    or keyframes.shape[1] < 1):
                 raise InvalidInputError(
-                    f"keyframes must be [B,K,3,H,W] matching the query {tuple(query.shape)}, got {tuple(keyframes.shape)}")
+                    f"keyframes must be [B,K>=1,3,H,W] matching the query {tuple(query.shape)}, "
+                    f"got {tuple(keyframes.shape)}")
         return B, H, W
+
+    @staticmethod
+    def _check_enc(kf_pose_enc: Optional[torch.Tensor], B: int, K: int) -> None:
+        if kf_pose_enc is not None and tuple(kf_pose_enc.shape) != (B, K, 9):
+            raise InvalidInputError(f"kf_pose_enc must be [{B},{K},9], got {tuple(kf_pose_enc.shape)}")
 
     # -- the whole sequence at once (dense, star, and the explicit-mask reference)
     def forward(self, query: torch.Tensor, keyframes: KeyframeSource, kf_pose_enc: Optional[torch.Tensor] = None,
@@ -301,6 +308,7 @@ class RelocVGGT(nn.Module):
             if callable(keyframes) and not isinstance(keyframes, torch.Tensor):
                 raise InvalidInputError(f"mask {mask!r} needs the keyframe images as a tensor")
             B, H, W = self._check(query, keyframes)
+            self._check_enc(kf_pose_enc, B, keyframes.shape[1])
             images = torch.cat((keyframes.to(self.dtype), query.to(self.dtype)[:, None]), dim=1)
             S = images.shape[1]
             tokens = self._add_pose_tokens(self.aggregator.embed_frames(images), B, S, kf_pose_enc)
@@ -320,6 +328,7 @@ class RelocVGGT(nn.Module):
         Slow (O((K P)^2) for every mask); it defines what ``forward`` must equal.
         Returns forward's dict plus 'tokens_list' (per layer [B, K+1, P, 2C])."""
         B, H, W = self._check(query, keyframes)
+        self._check_enc(kf_pose_enc, B, keyframes.shape[1])
         images = torch.cat((keyframes.to(self.dtype), query.to(self.dtype)[:, None]), dim=1)
         S = images.shape[1]
         tokens = self._add_pose_tokens(self.aggregator.embed_frames(images), B, S, kf_pose_enc)
@@ -414,8 +423,7 @@ class RelocVGGT(nn.Module):
             raise InvalidInputError("Reloc-VGGT needs at least one keyframe")
         if kf_keys is not None and len(kf_keys) != K:
             raise InvalidInputError(f"{len(kf_keys)} kf_keys for {K} keyframes")
-        if kf_pose_enc is not None and tuple(kf_pose_enc.shape) != (1, K, 9):
-            raise InvalidInputError(f"kf_pose_enc must be [1,{K},9], got {tuple(kf_pose_enc.shape)}")
+        self._check_enc(kf_pose_enc, 1, K)
         dev = query.device
         slots = [0] + [1] * (K - 1)
         cache_keys: List[Optional[Tuple]] = [None] * K
@@ -558,7 +566,8 @@ class Sim3Config:
     inlier_rotation_deg: ... and its aligned rotation within this angle of the known one.
     min_spread_m: floor of that spread (metres); below it the scale is unobservable and
         the result is DEGENERATE.
-    max_hypotheses: keyframe pairs tried as minimal samples (all pairs up to this many).
+    max_hypotheses: keyframe pairs tried as minimal samples (all pairs when there are at
+        most this many, else a fixed pseudo-random subset of this size).
     position_floor_ratio / rotation_floor_deg: per-keyframe noise assumed before looking
         at residuals (blended with ``prior_strength`` pseudo-observations), so a perfect
         fit never yields a zero covariance.
@@ -568,7 +577,7 @@ class Sim3Config:
     inlier_position_ratio: float = 0.25
     inlier_rotation_deg: float = 15.0
     min_spread_m: float = 0.02
-    max_hypotheses: int = 200
+    max_hypotheses: int = 64
     position_floor_ratio: float = 0.02
     rotation_floor_deg: float = 1.0
     prior_strength: float = 2.0
@@ -688,7 +697,9 @@ def sim3_localize(T_world_kf: np.ndarray, T_ref_cam_pred: np.ndarray, config: Op
         return float(np.sum(w_all[mask] * ((rm[mask] / thr_m) ** 2 + (rd[mask] / cfg.inlier_rotation_deg) ** 2)))
 
     usable = np.flatnonzero(w_all > 0)
-    pairs = np.array(list(itertools.combinations(usable.tolist(), 2))[: int(cfg.max_hypotheses)])
+    pairs = np.array(list(itertools.combinations(usable.tolist(), 2)))
+    if len(pairs) > cfg.max_hypotheses:  # a fixed spread of pairs: deterministic results
+        pairs = pairs[np.random.default_rng(0).choice(len(pairs), int(cfg.max_hypotheses), replace=False)]
     best = None
     bp = np.linalg.norm(p[pairs[:, 0]] - p[pairs[:, 1]], axis=1)
     pairs, bp = pairs[bp > 1e-12], bp[bp > 1e-12]
@@ -698,9 +709,10 @@ def sim3_localize(T_world_kf: np.ndarray, T_ref_cam_pred: np.ndarray, config: Op
         sh = np.linalg.norm(c[pairs[:, 0]] - c[pairs[:, 1]], axis=1) / bp
         th = 0.5 * (c[pairs[:, 0]] + c[pairs[:, 1]]) - sh[:, None] * (
             Rh @ (0.5 * (p[pairs[:, 0]] + p[pairs[:, 1]]))[:, :, None])[:, :, 0]
-        rm_h = np.linalg.norm(sh[:, None, None] * (p[None] @ np.swapaxes(Rh, 1, 2)) + th[:, None] - c[None], axis=2)
-        M_h = Rh[:, None] @ Rp[None, :K]  # aligned rotations [M, K, 3, 3]
-        cos = ((M_h * Rk[None]).sum(axis=(2, 3)) - 1.0) / 2.0  # trace(M^T R_known)
+        Rp_h = (Rh.reshape(-1, 3) @ p.T).reshape(len(Rh), 3, K).transpose(0, 2, 1)  # R p, [M, K, 3]
+        rm_h = np.linalg.norm(sh[:, None, None] * Rp_h + th[:, None] - c[None], axis=2)
+        # angle(R R_pred, R_known): trace((R R_pred)^T R_known) = <R, R_known R_pred^T> (Frobenius)
+        cos = (Rh.reshape(-1, 9) @ R_i.reshape(K, 9).T - 1.0) / 2.0
         rd_h = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
         inl_h = (rm_h < thr_m) & (rd_h < cfg.inlier_rotation_deg) & (w_all > 0)[None]
         support = (inl_h * w_all[None]).sum(1)

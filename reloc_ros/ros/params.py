@@ -28,7 +28,7 @@ class NodeParams:
     estimator: str = "geometric"
     estimator_options: str = "{}"
     localizer_options: str = "{}"
-    top_k: int = 10
+    top_k: int = 5  # = LocalizerConfig.top_k (test_ros_params checks they agree)
     image_transport: str = "raw"
     image_qos: str = "sensor_data"
     image_qos_depth: int = 5
