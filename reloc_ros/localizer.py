@@ -124,8 +124,10 @@ class Localizer:
         if abs_est is not None:
             std = float(np.sqrt(max(np.linalg.eigvalsh(abs_est.covariance[:3, :3]).max(), 0.0)))
             status = Status.OK if std <= self.config.max_position_std_m else Status.DEGENERATE
-            # Inliers saturate the confidence; a large position uncertainty pulls it down.
-            conf = (abs_est.inliers / (abs_est.inliers + 30.0)) / (1.0 + (std / self.config.max_position_std_m) ** 2)
+            # Inliers saturate the confidence (unless the estimator has its own measure);
+            # a large position uncertainty pulls it down.
+            base = abs_est.confidence if abs_est.confidence is not None else abs_est.inliers / (abs_est.inliers + 30.0)
+            conf = base / (1.0 + (std / self.config.max_position_std_m) ** 2)
             msg = "" if status is Status.OK else f"position std {std:.2f} m exceeds {self.config.max_position_std_m} m"
             return LocalizationResult(status, abs_est.T_world_cam, abs_est.covariance, float(conf), msg,
                                       list(abs_est.keyframe_ids), [abs_est.inliers])

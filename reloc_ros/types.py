@@ -115,7 +115,8 @@ class PairEstimate:
 class AbsoluteEstimate:
     """A query pose estimated directly in the map frame (e.g. PnP against map points).
 
-    T_world_cam: [4, 4]. covariance: [6, 6] over (x, y, z, rx, ry, rz) in the world
+    T_world_cam: [4, 4]. inliers: supporting correspondences (PnP) or keyframes
+    (Sim(3) alignment). covariance: [6, 6] over (x, y, z, rx, ry, rz) in the world
     frame, metres^2 / radians^2, rotation as a left perturbation
     ``R = exp([drot]_x) R_est`` (the ROS PoseWithCovariance convention).
     """
@@ -125,6 +126,7 @@ class AbsoluteEstimate:
     inliers: int
     keyframe_ids: list = field(default_factory=list)
     rms_reprojection_px: float = float("nan")
+    confidence: Optional[float] = None  # 0..1 when the estimator has its own measure
 
 
 @dataclass

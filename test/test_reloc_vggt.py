@@ -139,7 +139,7 @@ def test_cached_warm_cache_equals_computation_without_cache(fx):
         return kf[0, list(idx)]
 
     with torch.no_grad():
-        first = net(_inputs(3, seed=1)[0], loader, enc, mask="cached", kf_keys=keys)
+        net(_inputs(3, seed=1)[0], loader, enc, mask="cached", kf_keys=keys)  # cold: fills the cache
         assert loads == [[0, 1, 2]] and net.kv_cache.info()["entries"] == 3
         for seed in (2, 3):  # consecutive queries against the same keyframes
             q = _inputs(3, seed=seed)[0]

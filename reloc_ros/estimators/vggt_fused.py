@@ -267,7 +267,8 @@ class VGGTFusedEstimator(Estimator):
         if res.T_world_cam is None:
             return EstimatorOutput(message=f"vggt-fused: {res.message}", timings_ms=timings)
         used = [i for i, m in zip(ids, res.inlier_mask) if m]
-        est = AbsoluteEstimate(res.T_world_cam, res.covariance, int(res.inlier_mask.sum()), used)
+        est = AbsoluteEstimate(res.T_world_cam, res.covariance, int(res.inlier_mask.sum()), used,
+                               confidence=float(res.confidence))
         return EstimatorOutput(absolute=est, timings_ms=timings, message=res.message)
 
 

@@ -45,7 +45,7 @@ from torch import nn
 
 from reloc_ros.geometry import invert, project_to_so3, umeyama
 from reloc_ros.models.vggt import (VGGT, VGGTConfig, extri_intri_to_pose_encoding, extrinsics_to_T_world_cam,
-                                   init_vggt_weights, pose_encoding_to_extri_intri)
+                                   pose_encoding_to_extri_intri)
 from reloc_ros.types import InvalidInputError, Status
 
 __all__ = [
