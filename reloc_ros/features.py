@@ -24,6 +24,8 @@ class FeatureConfig:
     max_image_size: images whose long side exceeds this (pixels) are downscaled for
         extraction; keypoints are returned in the original image's pixels.
     contrast_threshold: SIFT contrast threshold (lower finds more in low-texture scenes).
+    image_scale: extra downscale after the max_image_size cap (1.0 = none); the
+        localizer uses it for queries (LocalizerConfig.query_image_scale).
     ratio: Lowe ratio test threshold on descriptor distances.
     mutual: also require mutual nearest neighbours.
     """
@@ -31,6 +33,7 @@ class FeatureConfig:
     max_keypoints: int = 2048
     max_image_size: int = 1024
     contrast_threshold: float = 0.02
+    image_scale: float = 1.0
     ratio: float = 0.85
     mutual: bool = True
 
@@ -39,6 +42,8 @@ class FeatureConfig:
             raise ValueError("features.max_keypoints must be >= 8")
         if self.max_image_size < 64:
             raise ValueError("features.max_image_size must be >= 64")
+        if not 0.1 <= self.image_scale <= 1.0:
+            raise ValueError("features.image_scale must be in [0.1, 1]")
         if not 0.0 < self.ratio <= 1.0:
             raise ValueError("features.ratio must be in (0, 1]")
 
@@ -96,7 +101,7 @@ class SiftExtractor:
         """Extract from [H, W(, C)] uint8; keypoints in the input image's pixel frame."""
         grey = to_grey(image)
         h, w = grey.shape
-        scale = min(1.0, self.config.max_image_size / max(h, w))
+        scale = min(1.0, self.config.max_image_size / max(h, w)) * self.config.image_scale
         if scale < 1.0:
             grey = cv2.resize(grey, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
         kps, desc = self._sift.detectAndCompute(grey, None)

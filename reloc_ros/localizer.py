@@ -6,6 +6,7 @@ matches gives a result with status ERROR / NOT_LOCALIZED and a message.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,10 @@ class LocalizerConfig:
         rejection, degeneracy detection, covariance) or 'reloc3r' (the paper's median).
     averaging: options of the robust averaging (reloc_ros.averaging.AveragingConfig).
     features: query feature options; None = the map's build options (recommended).
+    query_image_scale: query images are extracted at this fraction of the size the
+        map's images were (after the ``max_image_size`` cap). SIFT doubles the image for its
+        first octave, so extraction cost grows with pixels: 0.75 cut the query's SIFT
+        time from 82 to 53 ms on 640x480 for a 0.1 mm loss on exact synthetic data.
     max_position_std_m: a pose whose largest position standard deviation exceeds this
         is reported DEGENERATE (published only if confidence allows).
     """
@@ -47,6 +52,7 @@ class LocalizerConfig:
     fusion: Literal["robust", "reloc3r"] = "robust"
     averaging: Dict[str, Any] = field(default_factory=dict)
     features: Optional[FeatureConfig] = None
+    query_image_scale: float = 0.75
     max_position_std_m: float = 0.5
 
     def validate(self) -> None:
@@ -58,6 +64,8 @@ class LocalizerConfig:
             raise ValueError("top_k must be >= 1")
         if self.features is not None:
             self.features.validate()
+        if not 0.1 <= self.query_image_scale <= 1.0:
+            raise ValueError("query_image_scale must be in [0.1, 1]")  # as features.image_scale
 
     @classmethod
     def from_dict(cls, data: Optional[dict]) -> "LocalizerConfig":
@@ -73,6 +81,7 @@ class Localizer:
         self.kmap = kmap
         build = kmap.manifest.get("build_config", {})
         fcfg = self.config.features or from_dict(FeatureConfig, build.get("features", {}), "features")
+        fcfg = dataclasses.replace(fcfg, image_scale=self.config.query_image_scale)
         self.extractor = SiftExtractor(fcfg)
         self.descriptor = create_descriptor(from_dict(RetrievalConfig, build.get("retrieval", {}), "retrieval"))
         self.descriptor.load_state(kmap.descriptor_state)
