@@ -3,7 +3,6 @@ batched-pairs path and the ``reloc3r`` estimator on a real (tiny) keyframe map."
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,20 +22,16 @@ from reloc_ros.models.reloc3r import (  # noqa: E402
 from reloc_ros.models.rope import RoPE2D, apply_rope2d  # noqa: E402
 from reloc_ros.types import InvalidInputError, RelocError  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from conftest import SHARED, require  # noqa: E402
 FIXTURE = SHARED / "fixtures" / "reloc3r_tiny_io.pt"
 KEYS = SHARED / "fixtures" / "reloc3r_state_dict_keys.txt"
 SCENES = SHARED / "data" / "7scenes_redkitchen_0000_0499"
 
 
-def _need(path: Path) -> None:
-    if not path.exists():
-        pytest.skip(f"shared test material {path} is absent (expected ../shared next to the repo)")
-
 
 @pytest.fixture(scope="module")
 def fx():
-    _need(FIXTURE)
+    require(FIXTURE)
     return torch.load(FIXTURE, weights_only=True)
 
 
@@ -138,7 +133,7 @@ def test_fixture_weights_load_strictly_and_in_order(fx):
 
 
 def _key_list():
-    _need(KEYS)
+    require(KEYS)
     rows = []
     for line in KEYS.read_text().splitlines():
         if not line.strip() or line.startswith("#"):
@@ -308,7 +303,7 @@ def _frame(i):
 
 @pytest.fixture(scope="module")
 def tiny_map(fx, tiny_weights, tmp_path_factory):
-    _need(SCENES)
+    require(SCENES)
     from reloc_ros.estimators import create
     from reloc_ros.maps import KeyframeMap, MapBuildConfig, build_map
 

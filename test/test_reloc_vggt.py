@@ -3,7 +3,6 @@ the pose tokenizer input, Sim(3) and motion-averaging fusion, ONNX Runtime vs Py
 and the ``vggt-fused`` estimator on a real (tiny) keyframe map."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,21 +22,17 @@ from reloc_ros.models.reloc_vggt import (  # noqa: E402
 from reloc_ros.models.vggt import build_vggt, extri_intri_to_pose_encoding, load_vggt_weights  # noqa: E402
 from reloc_ros.types import InvalidInputError, Status  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from conftest import SHARED, require  # noqa: E402
 FIXTURE = SHARED / "fixtures" / "vggt_compact_io.pt"
 MA_FIXTURE = SHARED / "fixtures" / "reloc3r_motion_averaging_io.npz"
 SCENES = SHARED / "data" / "7scenes_redkitchen_0000_0499"
 HW = (70, 98)
 
 
-def _need(path: Path) -> None:
-    if not path.exists():
-        pytest.skip(f"shared test material {path} is absent (expected ../shared next to the repo)")
-
 
 @pytest.fixture(scope="module")
 def fx():
-    _need(FIXTURE)
+    require(FIXTURE)
     return torch.load(FIXTURE, weights_only=True)
 
 
@@ -205,7 +200,7 @@ def _simulated_predictions(db, qg, s=0.37, seed=0):
 
 @pytest.mark.parametrize("n", [2, 5, 10])
 def test_sim3_and_motion_averaging_recover_the_query_from_exact_predictions(n):
-    _need(MA_FIXTURE)
+    require(MA_FIXTURE)
     f = np.load(MA_FIXTURE, allow_pickle=False)
     db, qg = f[f"n{n}_poses_db"], f[f"n{n}_q_gt"]
     P = _simulated_predictions(db, qg)
@@ -222,7 +217,7 @@ def test_sim3_and_motion_averaging_recover_the_query_from_exact_predictions(n):
 
 
 def test_sim3_rejects_outlier_keyframes_and_needs_two_keyframes():
-    _need(MA_FIXTURE)
+    require(MA_FIXTURE)
     f = np.load(MA_FIXTURE, allow_pickle=False)
     db, qg = f["n10_poses_db"], f["n10_q_gt"]
     P = _simulated_predictions(db, qg)
@@ -265,7 +260,7 @@ def test_onnxruntime_matches_pytorch(fx, mask, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_map(tmp_path_factory, fx):
-    _need(SCENES)
+    require(SCENES)
     from safetensors.torch import save_file
 
     from reloc_ros.datasets import open_dataset

@@ -2,7 +2,6 @@
 weight loading, pose-encoding conversions, input validation."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,19 +22,15 @@ from reloc_ros.models.vggt import (  # noqa: E402
 )
 from reloc_ros.types import InvalidInputError  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from conftest import SHARED, require  # noqa: E402
 FIXTURE = SHARED / "fixtures" / "vggt_compact_io.pt"
 KEYS = SHARED / "fixtures" / "vggt1b_state_dict_keys.txt"
 
 
-def _need(path: Path) -> None:
-    if not path.exists():
-        pytest.skip(f"shared test material {path} is absent (expected ../shared next to the repo)")
-
 
 @pytest.fixture(scope="module")
 def fx():
-    _need(FIXTURE)
+    require(FIXTURE)
     return torch.load(FIXTURE, weights_only=True)
 
 
@@ -77,7 +72,7 @@ def test_compact_fixture_reproduces_the_published_outputs(fx, compact, case):
 
 
 def test_full_size_names_and_shapes_equal_the_published_key_list():
-    _need(KEYS)
+    require(KEYS)
     ref = {}
     for line in KEYS.read_text().splitlines():
         if not line.strip() or line.startswith("#"):

@@ -69,22 +69,7 @@ class KeyframeGraph(nn.Module):
         self.net = net
 
     def forward(self, images, slots, pose_enc):
-        net = self.net
-        H, W = images.shape[-2:]
-        x = net._embed_slots(images, slots)
-        x = torch.cat((x[:, :1] + net.pose_tokenizer(pose_enc)[:, None].to(x.dtype), x[:, 1:]), dim=1)
-        rope = net._rope(H, W, images.device)
-        ks, vs = [], []
-        f_out = x
-        for fb, gb in zip(net.aggregator.frame_blocks, net.aggregator.global_blocks):
-            x = fb(x, rope)
-            f_out = x
-            q, k, v = gb.attn.qkv_heads(gb.norm1(x), rope)
-            ks.append(k)
-            vs.append(v)
-            x = x + gb.ls1(gb.attn.out(F.scaled_dot_product_attention(q, k, v)))
-            x = gb.ffn(x)
-        return torch.stack(ks, 1), torch.stack(vs, 1), torch.cat((f_out[:, 0], x[:, 0]), dim=-1)
+        return self.net.keyframe_tensors(images, slots, pose_enc)
 
 
 class QueryGraph(nn.Module):

@@ -378,16 +378,16 @@ class RelocVGGT(nn.Module):
         return torch.cat((f_out, x), dim=-1).reshape(B, S, P, 2 * C)
 
     # -- cached mask
-    @torch.no_grad()
-    def keyframe_states(self, images: torch.Tensor, slots: torch.Tensor,
-                        pose_enc: Optional[torch.Tensor]) -> List[_KFState]:
-        """Query-independent states of M keyframes under the ``cached`` mask.
+    def keyframe_tensors(self, images: torch.Tensor, slots: torch.Tensor,
+                         pose_enc: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query-independent keys/values of M keyframes under the ``cached`` mask (exportable).
 
         images: [M, 3, H, W] in [0, 1]; slots: [M] long (0 for the reference keyframe,
         1 for the others); pose_enc: [M, 9] or None. Each keyframe runs alone (its global
-        attention sees only its own frame), batched over M.
+        attention sees only its own frame), batched over M. Returns (K, V [M, L, heads,
+        P, d], camera tokens [M, 2C]).
         """
-        M, _, H, W = images.shape
+        _, _, H, W = images.shape
         x = self._embed_slots(images, slots.to(images.device))
         if pose_enc is not None:
             x = torch.cat((x[:, :1] + self.pose_tokenizer(pose_enc)[:, None].to(x.dtype), x[:, 1:]), dim=1)
@@ -402,10 +402,14 @@ class RelocVGGT(nn.Module):
             vs.append(v)
             x = x + gb.ls1(gb.attn.out(F.scaled_dot_product_attention(q, k, v)))
             x = gb.ffn(x)
-        K_all = torch.stack(ks, dim=1)  # [M, L, h, P, d]
-        V_all = torch.stack(vs, dim=1)
-        cam = torch.cat((f_out[:, 0], x[:, 0]), dim=-1)
-        return [_KFState(K_all[i].clone(), V_all[i].clone(), cam[i].clone()) for i in range(M)]
+        return torch.stack(ks, dim=1), torch.stack(vs, dim=1), torch.cat((f_out[:, 0], x[:, 0]), dim=-1)
+
+    @torch.no_grad()
+    def keyframe_states(self, images: torch.Tensor, slots: torch.Tensor,
+                        pose_enc: Optional[torch.Tensor]) -> List[_KFState]:
+        """``keyframe_tensors`` split into one cacheable state per keyframe."""
+        K_all, V_all, cam = self.keyframe_tensors(images, slots, pose_enc)
+        return [_KFState(K_all[i].clone(), V_all[i].clone(), cam[i].clone()) for i in range(len(images))]
 
     def _cached_camera_tokens(self, query: torch.Tensor, keyframes: KeyframeSource,
                               kf_pose_enc: Optional[torch.Tensor], kf_keys: Optional[Sequence[Hashable]]) -> torch.Tensor:
