@@ -20,7 +20,7 @@ from reloc_ros.estimators import Query, create
 from reloc_ros.features import FeatureConfig, SiftExtractor
 from reloc_ros.maps import KeyframeMap
 from reloc_ros.retrieval import RetrievalConfig, create_descriptor
-from reloc_ros.types import Camera, InvalidInputError, LocalizationResult, Status
+from reloc_ros.types import Camera, InvalidInputError, LocalizationResult, RelocError, Status
 
 log = logging.getLogger("reloc_ros.localizer")
 
@@ -116,7 +116,11 @@ class Localizer:
         ids, _ = self.kmap.index.search(self.descriptor.describe(feats), self.config.top_k)
         t2 = time.perf_counter()
         timings["retrieval"] = _ms(t1, t2)
-        out = self.estimator.estimate(Query(image, camera, feats), ids.tolist(), self.kmap)
+        try:
+            out = self.estimator.estimate(Query(image, camera, feats), ids.tolist(), self.kmap)
+        except RelocError as e:  # e.g. a learned backend refusing this input
+            return LocalizationResult(Status.ERROR, message=f"{name}: {e}", estimator=name,
+                                      timings_ms={**timings, "total": _ms(t0)})
         t3 = time.perf_counter()
         timings["estimate"] = _ms(t2, t3)
         for k, v in out.timings_ms.items():
