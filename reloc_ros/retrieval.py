@@ -181,5 +181,7 @@ def _maybe_gpu(index: faiss.Index, use_gpu: bool) -> faiss.Index:
     if use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0 \
             and hasattr(faiss, "StandardGpuResources") and isinstance(index, faiss.IndexFlat):
         res = faiss.StandardGpuResources()
-        return faiss.index_cpu_to_gpu(res, 0, index)
+        gpu_index = faiss.index_cpu_to_gpu(res, 0, index)
+        gpu_index.referenced_resources = res  # the GPU index must not outlive its resources
+        return gpu_index
     return index
