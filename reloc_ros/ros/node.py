@@ -25,6 +25,7 @@ as dropped).
 """
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 from collections import OrderedDict
@@ -38,8 +39,9 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, PoseWithCovarianceStamped
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
+from rclpy.signals import SignalHandlerOptions
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
                        qos_profile_sensor_data, qos_profile_system_default)
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
@@ -541,23 +543,33 @@ class RelocNode(Node):
 
 
 def main(args=None) -> int:
-    """Console script ``reloc_node``: run the node until SIGINT/SIGTERM. Exit 2 on bad parameters."""
-    rclpy.init(args=args)
+    """Console script ``reloc_node``: run the node until SIGINT/SIGTERM. Exit 2 on bad parameters.
+
+    Shutdown is ordered by hand (rclpy's own signal handler invalidates the context
+    first): stop the worker while publishers still work, then the executor, then the
+    node and the context, so no callback ever publishes into a dead context.
+    """
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     try:
         node = RelocNode()
     except ConfigError as e:
         print(f"reloc_node: invalid parameters: {e}", file=sys.stderr)
         rclpy.try_shutdown()
         return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, name="executor", daemon=True)
+    spinner.start()
     try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        while not stop.wait(0.2) and spinner.is_alive():
+            pass
     finally:
         node.shutdown()
-        executor.shutdown()
+        executor.shutdown(timeout_sec=5.0)
+        spinner.join(timeout=5.0)
         node.destroy_node()
         rclpy.try_shutdown()
     return 0
