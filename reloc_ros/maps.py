@@ -440,10 +440,9 @@ def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optiona
     cfg = config or MapBuildConfig()
     cfg.validate()
     out = Path(out_dir)
-    if out.exists():
-        if not overwrite and any(out.iterdir()):
-            raise MapError(f"{out} exists and is not empty (pass overwrite)")
-        shutil.rmtree(out)
+    if out.exists() and not overwrite and any(out.iterdir()):
+        raise MapError(f"{out} exists and is not empty (pass overwrite)")
+    # Build beside the target and swap at the end, so a failed build loses no old map.
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -548,6 +547,8 @@ def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optiona
         "files": {},
     }
     _write_manifest(tmp, manifest)
+    if out.exists():
+        shutil.rmtree(out)
     tmp.rename(out)
     if estimators:
         kmap = KeyframeMap.load(out)

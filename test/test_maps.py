@@ -98,3 +98,10 @@ def test_corrupt_image_in_a_dataset_is_skipped_with_its_reason(seven_scenes, tmp
     assert kmap.num_keyframes == 2
     (name, reason), = kmap.manifest["skipped_frames"]
     assert name == ds.names[1] and reason
+
+
+def test_failed_rebuild_keeps_the_old_map(small_depth_map, tmp_path):
+    m = _copy(small_depth_map, tmp_path / "m")
+    with pytest.raises(MapError, match="no usable keyframes"):
+        build_map([], m, overwrite=True)
+    assert KeyframeMap.load(m).num_keyframes == 20
