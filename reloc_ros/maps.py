@@ -134,6 +134,7 @@ class KeyframeMap:
         # RootSIFT is 4x the stored uint8 SIFT: keep only recently used keyframes
         # (consecutive queries mostly retrieve the same ones), so RAM stays bounded.
         self._root_cache: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+        self._point_index: Dict[int, np.ndarray] = {}  # small (int indices), kept for all keyframes
 
     # -- loading ---------------------------------------------------------------------
     @classmethod
@@ -207,7 +208,10 @@ class KeyframeMap:
 
     def point_index(self, i: int) -> np.ndarray:
         """Indices (into keyframe i's keypoints) of the keypoints with a 3D point."""
-        return np.nonzero(np.isfinite(self.points3d(i)[:, 0]))[0]
+        idx = self._point_index.get(i)
+        if idx is None:
+            idx = self._point_index[i] = np.nonzero(np.isfinite(self.points3d(i)[:, 0]))[0]
+        return idx
 
     def points3d(self, i: int) -> np.ndarray:
         """[Ni, 3] world points (metres) of keyframe i's keypoints, NaN where unknown."""

@@ -121,6 +121,19 @@ def read_text(path: Path, what: str = "file") -> str:
         raise InvalidInputError(f"{path}: not a text file") from None
 
 
+def read_yaml_mapping(path: Path, what: str, expected: str = "a mapping") -> dict:
+    """A YAML file whose top level is a mapping; InvalidInputError naming the file otherwise."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(read_text(path, what))
+    except yaml.YAMLError as e:
+        raise InvalidInputError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"{path}: expected {expected}")
+    return data
+
+
 _COMMENT = re.compile(r"(?:^|\s)#")
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from reloc_ros.datasets.base import (
     Dataset, FileDepth, FileImage, FrameRecord, as_matrix4, camera_from_values, clean_pose, finalize, list_images,
-    parse_float, read_matrix_file, read_text, require_dir, select, strip_comment)
+    parse_float, read_matrix_file, read_text, read_yaml_mapping, require_dir, select, strip_comment)
 from reloc_ros.types import Camera, InvalidInputError, PosedFrame
 
 logger = logging.getLogger("reloc_ros.datasets")
@@ -94,14 +94,7 @@ def _camera_from_mapping(d: dict, where: str) -> Camera:
 
 
 def _cameras_from_yaml(path: Path) -> Dict[str, Camera]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(read_text(path, "cameras.yaml"))
-    except yaml.YAMLError as e:
-        raise InvalidInputError(f"{path}: invalid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise InvalidInputError(f"{path}: expected a mapping with 'default' and/or 'images'")
+    data = read_yaml_mapping(path, "cameras.yaml", "a mapping with 'default' and/or 'images'")
     cams = {}
     if data.get("default") is not None:
         cams["*"] = _camera_from_mapping(data["default"], f"{path}: default")

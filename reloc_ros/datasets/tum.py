@@ -11,7 +11,7 @@ import numpy as np
 
 from reloc_ros.datasets.base import (
     Dataset, FileDepth, FileImage, FrameRecord, camera_from_values, finalize, first_image_size, numeric_rows,
-    parse_float, quat_xyzw_to_matrix, read_text, require_dir, select, strip_comment)
+    parse_float, quat_xyzw_to_matrix, read_text, read_yaml_mapping, require_dir, select, strip_comment)
 from reloc_ros.datasets.trajectory import interpolate_poses
 from reloc_ros.types import Camera, InvalidInputError
 
@@ -103,14 +103,7 @@ def read_tum_trajectory(path: Path) -> Tuple[np.ndarray, np.ndarray]:
 def camera_from_yaml(path: Path, default_size: Optional[Tuple[int, int]]) -> Camera:
     """Camera from a ROS camera_info YAML (camera_matrix/distortion_coefficients/image_width)
     or a flat one (fx, fy, cx, cy[, dist, width, height])."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(read_text(path, "camera YAML"))
-    except yaml.YAMLError as e:
-        raise InvalidInputError(f"{path}: invalid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise InvalidInputError(f"{path}: expected a mapping")
+    data = read_yaml_mapping(path, "camera YAML")
     try:
         if "camera_matrix" in data:
             K = np.asarray(data["camera_matrix"]["data"], dtype=np.float64).reshape(3, 3)
