@@ -69,6 +69,12 @@ def main(argv=None) -> int:
         print(f"\n=== 7-Scenes redkitchen map 0:250:5 {'WITH depth' if depth else 'RGB-only'}, "
               f"queries 250:500:5, top_k={args.top_k} ===")
         print(format_table(s))
+        ok = [r for r in records if r.status == "ok"]
+        if ok:
+            t = sorted(r.translation_error_m for r in ok)
+            print(f"status OK only: {len(ok)} queries, median "
+                  f"{t[len(t) // 2] * 100:.1f} cm, worst {t[-1] * 100:.1f} cm / "
+                  f"{max(r.rotation_error_deg for r in ok):.1f} deg, {sum(x > 0.25 for x in t)} beyond 25 cm")
         print(f"map: {n} keyframes; disk {disk / n / 1024:.0f} KiB/keyframe; arrays in RAM "
               f"{loc.kmap.memory_bytes() / n / 1024:.0f} KiB/keyframe; process RSS growth "
               f"{(rss1 - rss0) / n / 1024:.0f} KiB/keyframe (includes the localizer)")

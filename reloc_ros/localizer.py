@@ -44,6 +44,12 @@ class LocalizerConfig:
         time from 82 to 53 ms on 640x480 for a 0.1 mm loss on exact synthetic data.
     max_position_std_m: a pose whose largest position standard deviation exceeds this
         is reported DEGENERATE (published only if confidence allows).
+    ill_conditioned_rotation_std_deg: when the estimator distrusts its own absolute pose
+        (``AbsoluteEstimate.ill_conditioned``: inliers in a small patch, or a rotation
+        the 2D-2D geometry contradicts), its Jacobian covariance still looks confident;
+        the localizer adds max_position_std_m^2 per position axis and this angle^2 per
+        rotation axis, so a filter that receives the DEGENERATE pose does not trust it
+        (PnP poses flagged so on 7-Scenes were 0.18-1.75 m / 2.6-36 deg off).
     """
 
     estimator: str = "geometric"
@@ -54,6 +60,7 @@ class LocalizerConfig:
     features: Optional[FeatureConfig] = None
     query_image_scale: float = 0.75
     max_position_std_m: float = 0.5
+    ill_conditioned_rotation_std_deg: float = 10.0
 
     def validate(self) -> None:
         from reloc_ros.estimators import available
@@ -136,13 +143,22 @@ class Localizer:
         abs_est = out.absolute
         if abs_est is not None:
             std = float(np.sqrt(max(np.linalg.eigvalsh(abs_est.covariance[:3, :3]).max(), 0.0)))
-            status = Status.OK if std <= self.config.max_position_std_m else Status.DEGENERATE
             # Inliers saturate the confidence (unless the estimator has its own measure);
             # a large position uncertainty pulls it down.
             base = abs_est.confidence if abs_est.confidence is not None else abs_est.inliers / (abs_est.inliers + 30.0)
             conf = base / (1.0 + (std / self.config.max_position_std_m) ** 2)
-            msg = "" if status is Status.OK else f"position std {std:.2f} m exceeds {self.config.max_position_std_m} m"
-            return LocalizationResult(status, abs_est.T_world_cam, abs_est.covariance, float(conf), msg,
+            reasons = [abs_est.ill_conditioned] if abs_est.ill_conditioned else []
+            if std > self.config.max_position_std_m:
+                reasons.append(f"position std {std:.2f} m exceeds {self.config.max_position_std_m} m")
+            status = Status.DEGENERATE if reasons else Status.OK
+            cov = abs_est.covariance
+            if abs_est.ill_conditioned:
+                conf = min(conf, self._averaging_config.degenerate_max_confidence)
+                floor = np.r_[np.full(3, self.config.max_position_std_m ** 2),
+                              np.full(3, np.radians(self.config.ill_conditioned_rotation_std_deg) ** 2)]
+                cov = cov + np.diag(floor)
+            msg = "; ".join(reasons)
+            return LocalizationResult(status, abs_est.T_world_cam, cov, float(conf), msg,
                                       list(abs_est.keyframe_ids), [abs_est.inliers])
         pairs = out.pairs
         if not pairs:

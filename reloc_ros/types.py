@@ -119,6 +119,9 @@ class AbsoluteEstimate:
     (Sim(3) alignment). covariance: [6, 6] over (x, y, z, rx, ry, rz) in the world
     frame, metres^2 / radians^2, rotation as a left perturbation
     ``R = exp([drot]_x) R_est`` (the ROS PoseWithCovariance convention).
+    ill_conditioned: why the estimator distrusts its own solution (e.g. inliers in a
+    small image patch); empty when it does not. The localizer reports such a pose
+    DEGENERATE with capped confidence.
     """
 
     T_world_cam: np.ndarray
@@ -127,6 +130,7 @@ class AbsoluteEstimate:
     keyframe_ids: list = field(default_factory=list)
     rms_reprojection_px: float = float("nan")
     confidence: Optional[float] = None  # 0..1 when the estimator has its own measure
+    ill_conditioned: str = ""
 
 
 @dataclass

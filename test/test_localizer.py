@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from reloc_ros.datasets import open_dataset
+from reloc_ros.estimators.geometric import inlier_extent
 from reloc_ros.geometry import pose_errors
 from reloc_ros.localizer import Localizer, LocalizerConfig
 from reloc_ros.types import Camera, Status
@@ -55,6 +56,54 @@ def test_bad_queries_give_clear_statuses(loc, queries):
     r = loc.localize(noise, q.camera)  # plenty of features, zero true matches
     assert r.status is Status.NOT_LOCALIZED, (r.status, r.message)
     assert loc.localize(q.image[:, :, 0].copy(), q.camera).localized  # grey works too
+
+
+def test_inlier_extent_measures_the_spanned_image_fraction():
+    rng = np.random.default_rng(0)
+    full = rng.uniform([0, 0], [640, 480], (500, 2))
+    assert 0.75 < inlier_extent(full, 640, 480) < 0.85  # 0.9 x 0.9 of a uniform spread
+    patch = rng.uniform([300, 200], [364, 248], (500, 2))  # a 10% x 10% patch
+    assert inlier_extent(patch, 640, 480) < 0.01
+    two_patches = np.concatenate([patch, patch + [250, 200]])  # far apart: well conditioned
+    assert inlier_extent(two_patches, 640, 480) > 0.1
+
+
+def test_pose_from_a_small_image_patch_is_reported_degenerate(loc, queries):
+    # Only a centred 18% x 18% patch of a real query keeps its content: PnP still finds
+    # > 20 inliers there, but a pose from one small patch is ill-conditioned (over these
+    # queries, 15-22% patches gave errors up to 19 cm / 2.2 deg) and must not be
+    # reported as a confident fix.
+    q = queries[7]
+    full = loc.localize(q.image, q.camera)
+    assert full.status is Status.OK
+    img = np.full_like(q.image, 128)
+    h, w = img.shape[:2]
+    ph, pw = int(h * 0.18), int(w * 0.18)
+    y0, x0 = (h - ph) // 2, (w - pw) // 2
+    img[y0:y0 + ph, x0:x0 + pw] = q.image[y0:y0 + ph, x0:x0 + pw]
+    r = loc.localize(img, q.camera)
+    assert r.status is Status.DEGENERATE and r.inliers[0] >= 20, (r.status, r.message)
+    assert "span" in r.message and r.confidence <= 0.25 < full.confidence
+
+
+def test_pnp_pose_that_disagrees_with_the_images_is_reported_degenerate(small_depth_map, queries):
+    # Wrong map points (here: every point turned 10 deg about the vertical through the
+    # map centre, as badly triangulated points would be) pull PnP to a rotation the
+    # images contradict; the 5-point relative poses, which use no map points, expose it.
+    loc = Localizer.from_map(small_depth_map)
+    q = queries[3]
+    good = loc.localize(q.image, q.camera)
+    assert good.status is Status.OK and "estimate.verify" in good.timings_ms
+    pts = loc.kmap._pts
+    centre = np.nanmean(pts, axis=0)
+    a = np.radians(10.0)
+    R = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+    loc.kmap._pts = ((pts - centre) @ R.T + centre).astype(pts.dtype)
+    r = loc.localize(q.image, q.camera)
+    assert r.status is Status.DEGENERATE and "disagrees" in r.message, (r.status, r.message)
+    assert r.confidence <= 0.25 and pose_errors(r.T_world_cam, q.T_world_cam)[1] > 5.0
+    # published DEGENERATE poses carry a covariance that a filter will not trust
+    assert np.all(np.diag(r.covariance)[:3] >= 0.5 ** 2) and np.all(np.diag(r.covariance)[3:] >= np.radians(10) ** 2)
 
 
 def test_config_is_validated_at_the_boundary():

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 import poselib
@@ -25,7 +25,7 @@ import poselib
 from reloc_ros.config import from_dict
 from reloc_ros.estimators.base import Estimator, Query
 from reloc_ros.features import match_descriptors, root_sift, undistort_keypoints
-from reloc_ros.geometry import invert, make_T, skew
+from reloc_ros.geometry import invert, make_T, rotation_angle_deg, skew
 from reloc_ros.types import AbsoluteEstimate, Camera, EstimatorOutput, PairEstimate
 
 
@@ -42,6 +42,23 @@ class GeometricConfig:
     essential_min_inliers: pairs with fewer inliers are dropped.
     min_pixel_sigma: floor (pixels) of the reprojection noise used for covariance, so a
         lucky tiny residual never yields an overconfident covariance.
+    min_inlier_extent: smallest image fraction the inliers may span (the product of the
+        5-95 percentile ranges of their u and v over the image width and height). A
+        pose from a small patch is ill-conditioned (tilt trades against translation)
+        and is the typical false positive on repeated texture, with a Jacobian
+        covariance that looks confident; below this, a PnP pose is reported DEGENERATE
+        and an essential-matrix pair is dropped. 0.03 is a patch about 1/6 of the
+        image on each side.
+    verify_max_rotation_deg: check a PnP pose against the 5-point relative poses to the
+        ``verify_keyframes`` keyframes with the most PnP inliers, which use all 2D-2D
+        matches and no map points. When at least two such pairs exist and every one
+        disagrees with the PnP rotation by more than this, the map points must be wrong
+        there (e.g. triangulated from inconsistent poses) and the pose is reported
+        DEGENERATE. One pair alone never flags: with a few dozen matches a 5-point pose
+        can itself be off by 10-20 deg. None disables the check. The 5-point rotation is
+        good to ~1 deg and map inconsistency adds ~2 deg (7-Scenes), so 5 deg flags only
+        gross errors.
+    verify_keyframes: how many keyframes the check above uses.
     covariance_inflation: variance factor on the PnP covariance. The Jacobian model
         assumes independent pixel noise, but map points carry correlated errors (the
         keyframe poses and depth/triangulation they came from); without it the
@@ -57,6 +74,9 @@ class GeometricConfig:
     essential_max_epipolar_px: float = 1.5
     essential_min_inliers: int = 20
     min_pixel_sigma: float = 0.5
+    min_inlier_extent: float = 0.03
+    verify_max_rotation_deg: Optional[float] = 5.0
+    verify_keyframes: int = 2
     covariance_inflation: float = 10.0
     ransac_min_iterations: int = 100
     ransac_max_iterations: int = 10000
@@ -72,6 +92,15 @@ def _cam_dict(cam: Camera) -> dict:
     K = cam.K
     return {"model": "PINHOLE", "width": cam.width, "height": cam.height,
             "params": [K[0, 0], K[1, 1], K[0, 2], K[1, 2]]}
+
+
+def inlier_extent(x: np.ndarray, width: int, height: int) -> float:
+    """Image fraction spanned by pixels x [N, 2]: product of the 5-95 percentile ranges
+    of u and v over width and height (0..1; robust to a few stray points)."""
+    if len(x) < 2:
+        return 0.0
+    lo, hi = np.percentile(x, [5, 95], axis=0)
+    return float((hi[0] - lo[0]) / width * (hi[1] - lo[1]) / height)
 
 
 def pnp_covariance(T_world_cam: np.ndarray, X: np.ndarray, x: np.ndarray, K: np.ndarray,
@@ -133,8 +162,14 @@ class GeometricEstimator(Estimator):
                 matches3d[k] = np.stack([m[:, 0], kmap.point_index(k)[m[:, 1]]], axis=1)
             timings["matching"] = (time.perf_counter() - t0) * 1e3
             t1 = time.perf_counter()
-            out.absolute, out.message = self._pnp(q_kp, query.camera, matches3d, kmap)
+            out.absolute, out.message, best_kfs = self._pnp(q_kp, query.camera, matches3d, kmap)
             timings["pnp"] = (time.perf_counter() - t1) * 1e3
+            if out.absolute is not None and not out.absolute.ill_conditioned \
+                    and cfg.verify_max_rotation_deg is not None:
+                t1 = time.perf_counter()
+                out.absolute.ill_conditioned = self._verify_rotation(
+                    q_kp, q_root, query.camera, out.absolute, best_kfs[: cfg.verify_keyframes], kmap)
+                timings["verify"] = (time.perf_counter() - t1) * 1e3
             if out.absolute is not None or cfg.mode == "pnp":
                 return out
         t1 = time.perf_counter()
@@ -161,7 +196,7 @@ class GeometricEstimator(Estimator):
             kf_of.append(np.full(int(ok.sum()), k))
         n = int(sum(len(x) for x in xs))
         if n < max(cfg.pnp_min_inliers, 4):
-            return None, f"only {n} 2D-3D matches (need {cfg.pnp_min_inliers})"
+            return None, f"only {n} 2D-3D matches (need {cfg.pnp_min_inliers})", []
         x = np.concatenate(xs).astype(np.float64)
         X = np.concatenate(Xs).astype(np.float64)
         kf_of = np.concatenate(kf_of)
@@ -170,13 +205,32 @@ class GeometricEstimator(Estimator):
         inl = np.asarray(info["inliers"], bool)
         ni = int(inl.sum())
         if ni < cfg.pnp_min_inliers:
-            return None, f"PnP found {ni} inliers of {n} matches (need {cfg.pnp_min_inliers})"
+            return None, f"PnP found {ni} inliers of {n} matches (need {cfg.pnp_min_inliers})", []
         T_cam_world = make_T(pose.R, pose.t)
         T_world_cam = invert(T_cam_world)
         cov, rms = pnp_covariance(T_world_cam, X[inl], x[inl], camera.K, cfg.min_pixel_sigma)
         cov = cov * cfg.covariance_inflation
-        used = sorted({int(k) for k in kf_of[inl]})
-        return AbsoluteEstimate(T_world_cam, cov, ni, used, rms), ""
+        used, per_kf = np.unique(kf_of[inl], return_counts=True)
+        extent = inlier_extent(x[inl], camera.width, camera.height)
+        weak = (f"PnP inliers span {extent:.1%} of the image (min_inlier_extent {cfg.min_inlier_extent:.1%})"
+                if extent < cfg.min_inlier_extent else "")
+        est = AbsoluteEstimate(T_world_cam, cov, ni, [int(k) for k in used], rms, ill_conditioned=weak)
+        return est, "", [int(k) for k in used[np.argsort(-per_kf, kind="stable")]]
+
+    def _verify_rotation(self, q_kp, q_root, camera, est: AbsoluteEstimate, keyframes, kmap) -> str:
+        """'' when the PnP rotation agrees with a 5-point relative rotation to one of
+        ``keyframes`` (or fewer than two pairs can judge), else the reason it does not."""
+        cfg = self.config
+        matches = {k: match_descriptors(q_root, kmap.root_descriptors(k), cfg.ratio, cfg.mutual) for k in keyframes}
+        pairs = self._pairs(q_kp, camera, matches, kmap)
+        R_world_query = est.T_world_cam[:3, :3]
+        angles = [rotation_angle_deg(p.T_kf_query[:3, :3], kmap.T_world_cam[p.keyframe_id][:3, :3].T @ R_world_query)
+                  for p in pairs]
+        if len(angles) < 2 or min(angles) <= cfg.verify_max_rotation_deg:
+            return ""
+        return (f"PnP rotation disagrees by {min(angles):.1f}+ deg with the 5-point relative poses to keyframes "
+                f"{[p.keyframe_id for p in pairs]} (verify_max_rotation_deg {cfg.verify_max_rotation_deg:g}): "
+                "map points unreliable here")
 
     def _pairs(self, q_kp, camera, matches, kmap):
         cfg = self.config
@@ -190,7 +244,9 @@ class GeometricEstimator(Estimator):
                 q_kp[m[:, 0]].astype(np.float64), x_kf, _cam_dict(camera), _cam_dict(kf_cam),
                 cfg.ransac(max_epipolar_error=cfg.essential_max_epipolar_px), {})
             ni = int(info["num_inliers"])
-            if ni < cfg.essential_min_inliers:
+            inl = np.asarray(info["inliers"], bool)
+            if ni < cfg.essential_min_inliers or \
+                    inlier_extent(q_kp[m[inl, 0]], camera.width, camera.height) < cfg.min_inlier_extent:
                 continue
             # poselib: X_kf = R X_query + t, i.e. exactly T_kf_query (t has unit norm)
             pairs.append(PairEstimate(k, make_T(pose.R, pose.t), weight=float(ni), inliers=ni, metric=False))
