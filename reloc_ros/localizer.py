@@ -73,6 +73,8 @@ class LocalizerConfig:
             self.features.validate()
         if not 0.1 <= self.query_image_scale <= 1.0:
             raise ValueError("query_image_scale must be in [0.1, 1]")  # as features.image_scale
+        if not self.max_position_std_m > 0 or not self.ill_conditioned_rotation_std_deg > 0:
+            raise ValueError("max_position_std_m and ill_conditioned_rotation_std_deg must be > 0")
 
     @classmethod
     def from_dict(cls, data: Optional[dict]) -> "LocalizerConfig":

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from reloc_ros.datasets import open_dataset
-from reloc_ros.estimators.geometric import inlier_extent
+from reloc_ros.estimators.geometric import GeometricEstimator, inlier_extent
 from reloc_ros.geometry import pose_errors
 from reloc_ros.localizer import Localizer, LocalizerConfig
 from reloc_ros.types import Camera, Status
@@ -113,3 +113,9 @@ def test_config_is_validated_at_the_boundary():
         LocalizerConfig.from_dict({"topk": 3})
     with pytest.raises(ValueError, match="top_k"):
         LocalizerConfig.from_dict({"top_k": 0})
+    with pytest.raises(ValueError, match="ill_conditioned_rotation_std_deg"):
+        LocalizerConfig.from_dict({"ill_conditioned_rotation_std_deg": -1})
+    with pytest.raises(ValueError, match="verify_keyframes"):
+        GeometricEstimator(verify_keyframes=1)
+    with pytest.raises(ValueError, match="min_inlier_extent"):
+        GeometricEstimator(min_inlier_extent=1.5)

@@ -81,6 +81,14 @@ class GeometricConfig:
     ransac_min_iterations: int = 100
     ransac_max_iterations: int = 10000
 
+    def validate(self) -> None:
+        if not 0.0 <= self.min_inlier_extent < 1.0:
+            raise ValueError(f"min_inlier_extent must be in [0, 1), got {self.min_inlier_extent!r}")
+        if self.verify_max_rotation_deg is not None and not self.verify_max_rotation_deg > 0:
+            raise ValueError(f"verify_max_rotation_deg must be > 0 or None, got {self.verify_max_rotation_deg!r}")
+        if self.verify_keyframes < 2:
+            raise ValueError("verify_keyframes must be >= 2 (one pair alone never flags)")
+
     def ransac(self, **threshold) -> dict:
         """PoseLib RANSAC options. Its default of at least 1000 iterations costs ~0.3 s per
         relative pose on this CPU; LO-RANSAC's adaptive stopping is already conservative."""

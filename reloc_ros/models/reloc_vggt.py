@@ -284,6 +284,16 @@ class RelocVGGT(nn.Module):
         if kf_pose_enc is not None and tuple(kf_pose_enc.shape) != (B, K, 9):
             raise InvalidInputError(f"kf_pose_enc must be [{B},{K},9], got {tuple(kf_pose_enc.shape)}")
 
+    def _sequence(self, query: torch.Tensor, keyframes: torch.Tensor, kf_pose_enc: Optional[torch.Tensor]):
+        """Checked inputs -> (input tokens [B*S, P, C] of (keyframes..., query) with pose
+        tokens added, rope for the patch grid, B, S)."""
+        B, H, W = self._check(query, keyframes)
+        self._check_enc(kf_pose_enc, B, keyframes.shape[1])
+        images = torch.cat((keyframes.to(self.dtype), query.to(self.dtype)[:, None]), dim=1)
+        S = images.shape[1]
+        tokens = self._add_pose_tokens(self.aggregator.embed_frames(images), B, S, kf_pose_enc)
+        return tokens, self._rope(H, W, images.device), B, S
+
     # -- the whole sequence at once (dense, star, and the explicit-mask reference)
     def forward(self, query: torch.Tensor, keyframes: KeyframeSource, kf_pose_enc: Optional[torch.Tensor] = None,
                 mask: str = "dense", kf_keys: Optional[Sequence[Hashable]] = None,
@@ -307,12 +317,7 @@ class RelocVGGT(nn.Module):
         else:
             if callable(keyframes) and not isinstance(keyframes, torch.Tensor):
                 raise InvalidInputError(f"mask {mask!r} needs the keyframe images as a tensor")
-            B, H, W = self._check(query, keyframes)
-            self._check_enc(kf_pose_enc, B, keyframes.shape[1])
-            images = torch.cat((keyframes.to(self.dtype), query.to(self.dtype)[:, None]), dim=1)
-            S = images.shape[1]
-            tokens = self._add_pose_tokens(self.aggregator.embed_frames(images), B, S, kf_pose_enc)
-            rope = self._rope(H, W, images.device)
+            tokens, rope, B, S = self._sequence(query, keyframes, kf_pose_enc)
             if mask == "dense":
                 last = self.aggregator.run_blocks(tokens, B, S, rope, keep_all=False)[-1]
             else:
@@ -327,14 +332,9 @@ class RelocVGGT(nn.Module):
         global block with the explicit boolean mask of :func:`global_attention_mask`.
         Slow (O((K P)^2) for every mask); it defines what ``forward`` must equal.
         Returns forward's dict plus 'tokens_list' (per layer [B, K+1, P, 2C])."""
-        B, H, W = self._check(query, keyframes)
-        self._check_enc(kf_pose_enc, B, keyframes.shape[1])
-        images = torch.cat((keyframes.to(self.dtype), query.to(self.dtype)[:, None]), dim=1)
-        S = images.shape[1]
-        tokens = self._add_pose_tokens(self.aggregator.embed_frames(images), B, S, kf_pose_enc)
-        rope = self._rope(H, W, images.device)
+        tokens, rope, B, S = self._sequence(query, keyframes, kf_pose_enc)
         P, C = tokens.shape[1:]
-        am = global_attention_mask(S, P, mask, images.device)
+        am = global_attention_mask(S, P, mask, tokens.device)
         rope_g = (rope[0].repeat(1, 1, S, 1), rope[1].repeat(1, 1, S, 1))
         x = tokens
         out = []
