@@ -50,6 +50,15 @@ class LocalizerConfig:
         the localizer adds max_position_std_m^2 per position axis and this angle^2 per
         rotation axis, so a filter that receives the DEGENERATE pose does not trust it
         (PnP poses flagged so on 7-Scenes were 0.18-1.75 m / 2.6-36 deg off).
+    prior_sigma, prior_min_radius_m, prior_max_angle_deg, prior_max_candidates: with a
+        ``PosePrior`` (a tracked prediction or an operator hint), retrieval first ranks
+        only keyframes whose centre lies within max(prior_min_radius_m, prior_sigma x the
+        prior's largest position std) of the prior and whose optical axis is within
+        prior_max_angle_deg (+ prior_sigma x its rotation std) of the prior's, at most the
+        prior_max_candidates nearest (a k-d tree over keyframe centres: the cost does not
+        grow with the map).
+    prior_fallback: when the prior-guided attempt does not localize, retry with global
+        retrieval (a wrong prior must not stop relocalization).
     """
 
     estimator: str = "geometric"
@@ -61,6 +70,11 @@ class LocalizerConfig:
     query_image_scale: float = 0.75
     max_position_std_m: float = 0.5
     ill_conditioned_rotation_std_deg: float = 10.0
+    prior_sigma: float = 3.0
+    prior_min_radius_m: float = 1.0
+    prior_max_angle_deg: float = 75.0
+    prior_max_candidates: int = 200
+    prior_fallback: bool = True
 
     def validate(self) -> None:
         from reloc_ros.estimators import available
@@ -75,10 +89,26 @@ class LocalizerConfig:
             raise ValueError("query_image_scale must be in [0.1, 1]")  # as features.image_scale
         if not self.max_position_std_m > 0 or not self.ill_conditioned_rotation_std_deg > 0:
             raise ValueError("max_position_std_m and ill_conditioned_rotation_std_deg must be > 0")
+        if not (self.prior_sigma > 0 and self.prior_min_radius_m >= 0 and 0 < self.prior_max_angle_deg <= 180):
+            raise ValueError("prior_sigma must be > 0, prior_min_radius_m >= 0, prior_max_angle_deg in (0, 180]")
+        if self.prior_max_candidates < 1:
+            raise ValueError("prior_max_candidates must be >= 1")
 
     @classmethod
     def from_dict(cls, data: Optional[dict]) -> "LocalizerConfig":
         return from_dict(cls, data, "localizer")
+
+
+@dataclass
+class PosePrior:
+    """Where the query camera probably is: a tracked prediction or an operator's hint.
+
+    T_world_cam: [4, 4] camera-to-map. covariance: [6, 6] (x, y, z, rx, ry, rz) in the map
+    frame, m^2 / rad^2 (the ``AbsoluteEstimate`` convention).
+    """
+
+    T_world_cam: np.ndarray
+    covariance: np.ndarray
 
 
 class Localizer:
@@ -99,6 +129,9 @@ class Localizer:
         from reloc_ros.averaging import AveragingConfig
 
         self._averaging_config = from_dict(AveragingConfig, self.config.averaging, "averaging")
+        from scipy.spatial import cKDTree
+
+        self._centres = cKDTree(kmap.T_world_cam[:, :3, 3])
 
     @classmethod
     def from_map(cls, map_path: str | Path, config: Optional[LocalizerConfig] = None) -> "Localizer":
@@ -106,8 +139,14 @@ class Localizer:
         return cls(KeyframeMap.load(map_path), config)
 
     # ------------------------------------------------------------------------------
-    def localize(self, image: np.ndarray, camera: Camera) -> LocalizationResult:
-        """Estimate T_world_cam of ``image`` ([H,W,3] uint8 RGB or [H,W] uint8) seen by ``camera``."""
+    def localize(self, image: np.ndarray, camera: Camera, prior: Optional[PosePrior] = None) -> LocalizationResult:
+        """Estimate T_world_cam of ``image`` ([H,W,3] uint8 RGB or [H,W] uint8) seen by ``camera``.
+
+        prior: optional ``PosePrior``; retrieval then looks near it first (see
+        LocalizerConfig.prior_*). ``result.retrieval`` says what was used: 'global',
+        'prior', or 'prior+global' (the prior-guided attempt failed and global retrieval
+        was tried).
+        """
         t0 = time.perf_counter()
         timings: Dict[str, float] = {}
         name = self.config.estimator
@@ -122,21 +161,69 @@ class Localizer:
         if len(feats) < 8:
             return LocalizationResult(Status.NOT_LOCALIZED, message=f"only {len(feats)} local features in the query",
                                       estimator=name, timings_ms={**timings, "total": _ms(t0)})
-        ids, _ = self.kmap.index.search(self.descriptor.describe(feats), self.config.top_k)
+        desc = self.descriptor.describe(feats)
+        near = self.keyframes_near(prior, desc) if prior is not None else None
+        res = None
+        if near is not None and len(near):
+            timings["retrieval.prior"] = _ms(t1)
+            res = self._estimate(image, camera, feats, near, timings, time.perf_counter())
+            res.retrieval = "prior"
+            if res.localized or not self.config.prior_fallback:
+                res.timings_ms["total"] = _ms(t0)
+                return res
         t2 = time.perf_counter()
-        timings["retrieval"] = _ms(t1, t2)
+        ids, _ = self.kmap.index.search(desc, self.config.top_k)
+        timings["retrieval"] = _ms(t2)
+        if res is not None and set(ids.tolist()) <= set(near.tolist()):
+            res.timings_ms["total"] = _ms(t0)
+            return res  # global retrieval would try the same keyframes again
+        out = self._estimate(image, camera, feats, ids, timings, time.perf_counter())
+        out.retrieval = "global" if res is None else "prior+global"
+        out.timings_ms["total"] = _ms(t0)
+        return out
+
+    def keyframes_near(self, prior: PosePrior, descriptor: Optional[np.ndarray] = None) -> np.ndarray:
+        """Keyframe ids [<= top_k] near ``prior`` (see LocalizerConfig.prior_*), best first.
+
+        Ranked by global-descriptor similarity when ``descriptor`` [D] is given, else by
+        distance. Empty when no keyframe is near or the prior is not finite.
+        """
+        cfg = self.config
+        T = np.asarray(prior.T_world_cam, dtype=np.float64)
+        C = np.asarray(prior.covariance, dtype=np.float64)
+        if T.shape != (4, 4) or C.shape != (6, 6) or not (np.all(np.isfinite(T)) and np.all(np.isfinite(C))):
+            return np.zeros(0, np.int64)
+        pos_std = float(np.sqrt(max(np.linalg.eigvalsh(0.5 * (C[:3, :3] + C[:3, :3].T)).max(), 0.0)))
+        rot_std = float(np.sqrt(max(np.linalg.eigvalsh(0.5 * (C[3:, 3:] + C[3:, 3:].T)).max(), 0.0)))
+        radius = max(cfg.prior_min_radius_m, cfg.prior_sigma * pos_std)
+        k = min(cfg.prior_max_candidates, self.kmap.num_keyframes)
+        dist, ids = self._centres.query(T[:3, 3], k=k, distance_upper_bound=radius)
+        ids = np.atleast_1d(ids)[np.isfinite(np.atleast_1d(dist))].astype(np.int64)
+        if not len(ids):
+            return ids
+        max_angle = np.radians(min(cfg.prior_max_angle_deg + np.degrees(cfg.prior_sigma * rot_std), 180.0))
+        cos = self.kmap.T_world_cam[ids, :3, 2] @ T[:3, 2]
+        ids = ids[cos >= np.cos(max_angle) - 1e-9]
+        if descriptor is not None and len(ids) > cfg.top_k:
+            sims = self.kmap.global_descriptors[ids] @ np.asarray(descriptor, dtype=np.float32).ravel()
+            ids = ids[np.argsort(-sims, kind="stable")]
+        return ids[:cfg.top_k]
+
+    def _estimate(self, image, camera, feats, ids: np.ndarray, timings: Dict[str, float],
+                  t2: float) -> LocalizationResult:
+        """Estimator + fusion for one set of keyframes; fills the stage timings."""
+        name = self.config.estimator
+        timings = dict(timings)
         try:
-            out = self.estimator.estimate(Query(image, camera, feats), ids.tolist(), self.kmap)
+            out = self.estimator.estimate(Query(image, camera, feats), [int(i) for i in ids], self.kmap)
         except RelocError as e:  # e.g. a learned backend refusing this input
-            return LocalizationResult(Status.ERROR, message=f"{name}: {e}", estimator=name,
-                                      timings_ms={**timings, "total": _ms(t0)})
+            return LocalizationResult(Status.ERROR, message=f"{name}: {e}", estimator=name, timings_ms=timings)
         t3 = time.perf_counter()
-        timings["estimate"] = _ms(t2, t3)
-        for k, v in out.timings_ms.items():
-            timings[f"estimate.{k}"] = v
+        timings["estimate"] = timings.get("estimate", 0.0) + _ms(t2, t3)
+        for key, v in out.timings_ms.items():
+            timings[f"estimate.{key}"] = v
         res = self._fuse(out)
         timings["fusion"] = _ms(t3)
-        timings["total"] = _ms(t0)
         res.timings_ms = timings
         res.estimator = name
         return res

@@ -13,20 +13,47 @@ Layout of a map directory (format version ``MAP_FORMAT_VERSION``)::
     images/NNNNNN.jpg  downscaled keyframe images (learned estimators read them)
     cache/<name>/      optional estimator caches (e.g. Reloc3r keyframe tokens)
 
-All npz files are written and read without pickle.
+All npz files are written and read without pickle. ``KeyframeMap.load`` checks every
+documented array (presence, shape, dtype, offsets monotone, poses finite and rigid,
+index size) and raises MapError naming the file and the key.
+
+Versions. ``format_version`` is the on-disk contract: a map of another format version
+is refused (older: "rebuild it"). ``reloc_ros_version`` (the release that wrote the map)
+guards what a release may have changed without a format bump:
+
+- written by a newer major.minor release than the running one: refused. A newer
+  release may store data this one would misread at the same format version, and the
+  older code cannot know; upgrade reloc_ros or rebuild the map with this one.
+- written by a newer patch release: loaded with a warning (patch releases never change
+  what a map holds).
+- written by an older release: loaded with a warning; the format version is unchanged,
+  so the layout is the same, but rebuilding picks up the build improvements since.
+- missing or not a version string: refused (every map of this format records it).
+
+Replacement. ``build_map`` builds beside the target and swaps it in atomically
+(``renameat2(RENAME_EXCHANGE)`` on Linux, else rename-aside + rename, a microsecond
+window without the directory), so a reader never sees half a map. Readers that already
+hold a loaded map read keyframe images lazily: ``KeyframeMap.image`` checks each file's
+sha256 against the manifest it loaded and raises MapError ("map changed on disk since it
+was loaded; reload it") instead of returning another map's image for the same index.
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
+import errno
 import hashlib
 import json
 import logging
+import os
+import re
 import shutil
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -113,6 +140,134 @@ def _load_npz(path: Path) -> Dict[str, np.ndarray]:
         raise MapError(f"cannot read {path.name}: {e}") from e
 
 
+def _release(version: object) -> Optional[Tuple[int, int, int]]:
+    """(major, minor, patch) of a version string such as "0.1.0" or "1.2.dev3"; None if none."""
+    m = re.match(r"^\s*(\d+)\.(\d+)(?:\.(\d+))?", version) if isinstance(version, str) else None
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)) if m else None
+
+
+def _check_release(path: Path, manifest: dict) -> None:
+    """Apply the reloc_ros_version policy of the module docstring; MapError or a warning."""
+    written = manifest.get("reloc_ros_version")
+    theirs, ours = _release(written), _release(__version__)
+    if theirs is None:
+        raise MapError(f"map {path}: {MANIFEST} has no valid 'reloc_ros_version' (got {written!r}); "
+                       "rebuild it with `reloc-map build`")
+    if ours is None or theirs == ours:
+        return
+    if theirs[:2] > ours[:2]:
+        raise MapError(
+            f"map {path} was written by reloc_ros {written}, newer than this reloc_ros {__version__}: a newer "
+            "release may store data this one misreads even at the same format version; upgrade reloc_ros or "
+            "rebuild the map with this version (`reloc-map build`)"
+        )
+    if theirs > ours:
+        log.warning("map %s was written by reloc_ros %s, a newer patch release than this %s; loading it",
+                    path, written, __version__)
+    else:
+        log.warning("map %s was written by an older reloc_ros %s (this is %s); format version %d is unchanged so "
+                    "it loads, rebuild it to get the build improvements since", path, written, __version__,
+                    MAP_FORMAT_VERSION)
+
+
+def _array(path: Path, fname: str, arrays: Dict[str, np.ndarray], key: str, shape: Sequence,
+           dims: Dict[str, int], kinds: str, what: str) -> np.ndarray:
+    """``arrays[key]`` checked for presence, shape and dtype kind; raises MapError naming file and key.
+
+    shape: ints (fixed) and names (``"N"``): a name already in ``dims`` must match, a new
+    one is bound to the array's size. kinds: allowed numpy dtype kinds; what: their name.
+    """
+    if key not in arrays:
+        raise MapError(f"map {path}: {fname} has no array '{key}' (truncated, or not written by reloc-map "
+                       "build); rebuild it with `reloc-map build`")
+    a = arrays[key]
+    ok = a.ndim == len(shape)
+    bound: Dict[str, int] = {}
+    if ok:
+        for s, n in zip(shape, a.shape):
+            if isinstance(s, int):
+                ok = ok and n == s
+            elif s in dims or s in bound:
+                ok = ok and n == dims.get(s, bound.get(s))
+            else:
+                bound[s] = n
+    if not ok:
+        want = ", ".join(str(s) for s in shape)
+        known = ", ".join(f"{k}={v}" for k, v in dims.items() if k in shape)
+        raise MapError(f"map {path}: {fname}['{key}'] has shape {list(a.shape)}, expected [{want}]"
+                       + (f" with {known}" if known else ""))
+    if a.dtype.kind not in kinds:
+        raise MapError(f"map {path}: {fname}['{key}'] has dtype {a.dtype}, expected {what}")
+    dims.update(bound)
+    return a
+
+
+def _check_arrays(path: Path, kf: Dict[str, np.ndarray], feats: Dict[str, np.ndarray],
+                  retr: Dict[str, np.ndarray], files: Dict[str, str]) -> Dict[str, int]:
+    """Cross-check every array of a map against the layout; returns the sizes {N, M, D}.
+
+    Raises MapError naming the file and key of the first inconsistency, so a corrupt or
+    hand-edited map fails at load time instead of as an IndexError mid-query.
+    """
+    dims: Dict[str, int] = {}
+    K_, F_, R_ = "keyframes.npz", "features.npz", "retrieval.npz"
+    names = _array(path, K_, kf, "names", ["N"], dims, "US", "strings")
+    n = dims["N"]
+    if n == 0:
+        raise MapError(f"map {path} has no keyframes")
+    T = _array(path, K_, kf, "T_world_cam", ["N", 4, 4], dims, "f", "float")
+    K = _array(path, K_, kf, "K", ["N", 3, 3], dims, "f", "float")
+    sizes = _array(path, K_, kf, "sizes", ["N", 2], dims, "iu", "integers")
+    for key, shape, kinds in (("source_K", ["N", 3, 3], "f"), ("source_sizes", ["N", 2], "iu")):
+        if key in kf:  # metadata (original resolution), not used by the localizer
+            _array(path, K_, kf, key, shape, dims, kinds, "float" if kinds == "f" else "integers")
+    # Poses: finite and rigid (orthonormal R with det +1, last row 0 0 0 1), vectorised.
+    Tf = T.astype(np.float64)
+    R = Tf[:, :3, :3]
+    finite = np.all(np.isfinite(Tf.reshape(n, -1)), axis=1)
+    with np.errstate(invalid="ignore"):
+        orth = np.all(np.abs(np.einsum("nji,njk->nik", R, R) - np.eye(3)) < 1e-3, axis=(1, 2))
+        det = np.abs(np.linalg.det(np.where(finite[:, None, None], R, np.eye(3))) - 1.0) < 1e-3
+        last = np.all(np.abs(Tf[:, 3] - [0, 0, 0, 1]) < 1e-3, axis=1)
+    bad = np.nonzero(~(finite & orth & det & last))[0]
+    if len(bad):
+        i = int(bad[0])
+        raise MapError(f"map {path}: {K_}['T_world_cam'][{i}] (keyframe {names[i]!s}) is not a finite rigid "
+                       f"transform ({len(bad)} such poses): {np.array2string(Tf[i], precision=4)}")
+    bad = np.nonzero(~(np.all(np.isfinite(K.reshape(n, -1)), axis=1) & (K[:, 0, 0] > 0) & (K[:, 1, 1] > 0)))[0]
+    if len(bad):
+        raise MapError(f"map {path}: {K_}['K'][{int(bad[0])}] is not a valid intrinsics matrix: {K[bad[0]].tolist()}")
+    if np.any(sizes <= 0):
+        raise MapError(f"map {path}: {K_}['sizes'] has non-positive image sizes")
+
+    kp = _array(path, F_, feats, "keypoints", ["M", 2], dims, "f", "float")
+    m = dims["M"]
+    _array(path, F_, feats, "descriptors", ["M", 128], dims, "u", "uint8")
+    if feats["descriptors"].dtype != np.uint8:
+        raise MapError(f"map {path}: {F_}['descriptors'] has dtype {feats['descriptors'].dtype}, expected uint8")
+    off = _array(path, F_, feats, "offsets", ["N+1"], {"N+1": n + 1}, "iu", "integers")
+    if off[0] != 0 or np.any(np.diff(off) < 0) or off[-1] != m:
+        raise MapError(f"map {path}: {F_}['offsets'] must rise monotonically from 0 to the {m} keypoints, "
+                       f"got {off[0]}..{off[-1]}" + (" (not monotone)" if np.any(np.diff(off) < 0) else ""))
+    _array(path, F_, feats, "points3d", ["M", 3], dims, "f", "float")
+    src = _array(path, F_, feats, "point_source", ["M"], dims, "iu", "integers")
+    if m and int(src.max()) > POINT_TRIANGULATED:
+        raise MapError(f"map {path}: {F_}['point_source'] has unknown value {int(src.max())} "
+                       f"(0 none, 1 depth, 2 triangulated)")
+    if not np.all(np.isfinite(kp)):
+        raise MapError(f"map {path}: {F_}['keypoints'] has non-finite values")
+
+    G = _array(path, R_, retr, "global_descriptors", ["N", "D"], dims, "f", "float")
+    if dims["D"] == 0 or not np.all(np.isfinite(G)):
+        raise MapError(f"map {path}: {R_}['global_descriptors'] is empty or not finite")
+
+    missing = [f"images/{i:06d}.jpg" for i in range(n) if f"images/{i:06d}.jpg" not in files]
+    if missing:
+        raise MapError(f"map {path}: {MANIFEST} lists no checksum for keyframe image {missing[0]} "
+                       f"({len(missing)} missing)")
+    return dims
+
+
 class KeyframeMap:
     """A loaded keyframe map (read-only). See the module docstring for the layout."""
 
@@ -168,17 +323,20 @@ class KeyframeMap:
                     raise MapError(f"map file {f} is missing")
                 if _sha256(f) != digest:
                     raise MapError(f"map file {f} is corrupt or truncated (checksum mismatch)")
+        _check_release(path, manifest)
         kf = _load_npz(path / "keyframes.npz")
         feats = _load_npz(path / "features.npz")
         retr = _load_npz(path / "retrieval.npz")
-        if len(kf.get("names", [])) == 0:
-            raise MapError(f"map {path} has no keyframes")
+        dims = _check_arrays(path, kf, feats, retr, files)
         try:
             index = RetrievalIndex.load(path / "index.faiss", use_gpu=use_gpu)
         except Exception as e:
             raise MapError(f"cannot read FAISS index of {path}: {e}") from e
-        if len(index) != len(kf["names"]):
-            raise MapError(f"map {path}: index has {len(index)} entries for {len(kf['names'])} keyframes")
+        if len(index) != dims["N"]:
+            raise MapError(f"map {path}: index.faiss has {len(index)} entries for {dims['N']} keyframes")
+        if int(index.index.d) != dims["D"]:
+            raise MapError(f"map {path}: index.faiss has dimension {index.index.d}, "
+                           f"retrieval.npz['global_descriptors'] has {dims['D']}")
         return cls(path, manifest, kf, feats, retr, index)
 
     # -- access ----------------------------------------------------------------------
@@ -218,11 +376,28 @@ class KeyframeMap:
         return self._pts[self._off[i]: self._off[i + 1]]
 
     def image(self, i: int) -> np.ndarray:
-        """Stored keyframe image [H, W, 3] uint8 RGB (intrinsics: ``cameras[i]``)."""
-        f = self.path / "images" / f"{i:06d}.jpg"
-        bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise MapError(f"cannot read keyframe image {f}")
+        """Stored keyframe image [H, W, 3] uint8 RGB (intrinsics: ``cameras[i]``).
+
+        Read lazily, so the bytes are checked against the sha256 of the manifest this map
+        was loaded with (~0.1 ms for a JPEG of tens of KB): a map rebuilt into the same
+        directory since raises MapError instead of yielding another map's keyframe.
+        """
+        i = int(i)
+        if not 0 <= i < self.num_keyframes:
+            raise MapError(f"keyframe {i} out of range 0..{self.num_keyframes - 1} of map {self.path}")
+        rel = f"images/{i:06d}.jpg"
+        f = self.path / rel
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            raise MapError(f"cannot read keyframe image {f}: {e}; if the map was rebuilt or moved, reload it") from e
+        if hashlib.sha256(data).hexdigest() != self.manifest.get("files", {}).get(rel):
+            raise MapError(f"map {self.path} changed on disk since it was loaded; reload it "
+                           f"({rel} differs from the manifest loaded)")
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        cam = self.cameras[i]
+        if bgr is None or bgr.shape[:2] != (cam.height, cam.width):
+            raise MapError(f"keyframe image {f} cannot be decoded as a {cam.width}x{cam.height} image")
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
     def cache_dir(self, name: str) -> Path:
@@ -551,16 +726,15 @@ def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optiona
         "files": {},
     }
     _write_manifest(tmp, manifest)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     if estimators:
-        kmap = KeyframeMap.load(out)
+        # Caches are written before the swap, so the map appears complete or not at all.
+        kmap = KeyframeMap.load(tmp)
         for est in estimators:
             d = kmap.cache_dir(est.name)
             d.mkdir(parents=True, exist_ok=True)
             est.build_map_cache(kmap, d)
-        _write_manifest(out, manifest)
+        _write_manifest(tmp, manifest)
+    _swap_into_place(tmp, out)
     log.info("built map %s: %d keyframes, %d 3D points in %.1f s", out, len(names), n_pts,
              time.perf_counter() - t0)
     return out
@@ -573,3 +747,60 @@ def _write_manifest(root: Path, manifest: dict) -> None:
             files[str(f.relative_to(root))] = _sha256(f)
     manifest["files"] = files
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+# -- atomic replacement --------------------------------------------------------------
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where that is unavailable (not Linux, glibc < 2.28, a kernel or
+    filesystem without RENAME_EXCHANGE); raises OSError for real failures.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _remove(p: Path) -> None:
+    if p.is_symlink() or p.is_file():
+        p.unlink()
+    elif p.exists():
+        shutil.rmtree(p)
+
+
+def _swap_into_place(new: Path, target: Path) -> str:
+    """Make directory ``new`` appear at ``target``, deleting what was there; returns the method.
+
+    "rename" when nothing was there, "exchange" (atomic: ``target`` always exists) with
+    renameat2, else "rename-aside" (the old one is renamed away first: ``target`` is
+    missing between two renames). Readers of the old map that hold open files keep
+    reading them (Linux unlink semantics); lazy readers detect the change by checksum.
+    """
+    if not os.path.lexists(target):
+        os.rename(new, target)
+        return "rename"
+    if _rename_exchange(new, target):
+        _remove(new)  # now the previous map
+        return "exchange"
+    aside = target.with_name(f"{target.name}.old-{os.getpid()}")
+    _remove(aside)
+    os.rename(target, aside)
+    os.rename(new, target)
+    _remove(aside)
+    return "rename-aside"

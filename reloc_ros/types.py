@@ -25,12 +25,23 @@ class InvalidInputError(RelocError):
     """An image, camera or pose given to the library is unusable (corrupt, NaN, wrong size)."""
 
 
+# Distortion vector lengths OpenCV accepts (cv2.undistortPoints / projectPoints):
+# (k1, k2, p1, p2[, k3[, k4, k5, k6[, s1, s2, s3, s4[, tx, ty]]]]).
+OPENCV_DIST_LENGTHS = (4, 5, 8, 12, 14)
+
+# |K[0, 1]| / fx below this is float noise from a calibration tool, not skew: over a
+# 10k-pixel-wide image it moves a point by at most 0.01 px.
+_SKEW_RTOL = 1e-6
+
+
 @dataclass
 class Camera:
     """Pinhole camera with optional OpenCV distortion.
 
-    K: [3, 3] intrinsics in pixels. width, height: image size in pixels.
-    dist: OpenCV distortion coefficients (k1, k2, p1, p2[, k3...]) or None.
+    K: [3, 3] intrinsics in pixels, ``[[fx, 0, cx], [0, fy, cy], [0, 0, 1]]`` (no skew).
+    width, height: image size in pixels.
+    dist: OpenCV distortion coefficients (k1, k2, p1, p2[, k3...]), 4, 5, 8, 12 or 14 of
+    them, or None; an all-zero vector of any length means no distortion and becomes None.
     """
 
     K: np.ndarray
@@ -48,12 +59,45 @@ class Camera:
                 self.dist = None
 
     def validate(self) -> None:
-        """Raise InvalidInputError when the intrinsics cannot describe a real camera."""
+        """Raise InvalidInputError when the intrinsics cannot describe a real camera.
+
+        Checked: finite K with positive focal lengths and the pinhole form (bottom row
+        0 0 1, no skew: every projection in reloc_ros uses fx, fy, cx, cy only, so a skewed
+        K would bias every pose silently), a positive image size, the principal point
+        inside the image (cx in [0, width], cy in [0, height]; outside almost always means
+        K belongs to another resolution), and finite distortion of a length OpenCV accepts
+        (else cv2.undistortPoints raises deep inside the estimator).
+        """
         K = self.K
         if not np.all(np.isfinite(K)) or K[0, 0] <= 0 or K[1, 1] <= 0:
             raise InvalidInputError(f"invalid camera intrinsics K={K.tolist()}")
+        if K[1, 0] != 0 or K[2, 0] != 0 or K[2, 1] != 0 or abs(K[2, 2] - 1.0) > 1e-9:
+            raise InvalidInputError(
+                f"camera intrinsics K={K.tolist()} are not of the pinhole form [[fx, s, cx], [0, fy, cy], [0, 0, 1]]"
+            )
+        if abs(K[0, 1]) > _SKEW_RTOL * K[0, 0]:
+            raise InvalidInputError(
+                f"camera intrinsics have skew K[0,1]={K[0, 1]:g}; the pinhole model of reloc_ros ignores skew, "
+                "so poses would be biased (calibrate with zero skew, OpenCV's default)"
+            )
         if self.width <= 0 or self.height <= 0:
             raise InvalidInputError(f"invalid camera size {self.width}x{self.height}")
+        cx, cy = K[0, 2], K[1, 2]
+        if not (0.0 <= cx <= self.width and 0.0 <= cy <= self.height):
+            raise InvalidInputError(
+                f"principal point ({cx:g}, {cy:g}) px lies outside the {self.width}x{self.height} image "
+                "(are K and the image size of the same resolution?)"
+            )
+        if self.dist is not None:
+            d = self.dist
+            if not np.all(np.isfinite(d)):
+                raise InvalidInputError(f"camera distortion coefficients are not finite: {d.tolist()}")
+            if d.size not in OPENCV_DIST_LENGTHS:
+                raise InvalidInputError(
+                    f"camera distortion has {d.size} coefficients; OpenCV accepts "
+                    f"{', '.join(map(str, OPENCV_DIST_LENGTHS))} "
+                    "(k1, k2, p1, p2[, k3[, k4, k5, k6[, s1..s4[, tx, ty]]]])"
+                )
 
     def scaled(self, sx: float, sy: Optional[float] = None) -> "Camera":
         """The same camera for an image resized by (sx, sy) (pixel-corner convention)."""
@@ -153,6 +197,8 @@ class LocalizationResult:
     confidence: 0..1. message: human-readable reason, always set when not OK.
     keyframe_ids: map keyframes used; inliers: inlier count per used keyframe (same order).
     timings_ms: per-stage wall time ("retrieval", "features", "estimate", "fusion", "total").
+    retrieval: how keyframes were chosen: 'global', 'prior' (near a pose prior) or
+    'prior+global' (the prior-guided attempt failed, global retrieval followed).
     """
 
     status: Status
@@ -164,6 +210,7 @@ class LocalizationResult:
     inliers: list = field(default_factory=list)
     timings_ms: dict = field(default_factory=dict)
     estimator: str = ""
+    retrieval: str = "global"
 
     @property
     def localized(self) -> bool:

@@ -119,3 +119,32 @@ def test_config_is_validated_at_the_boundary():
         GeometricEstimator(verify_keyframes=1)
     with pytest.raises(ValueError, match="min_inlier_extent"):
         GeometricEstimator(min_inlier_extent=1.5)
+
+
+def test_prior_guided_retrieval_looks_near_the_prior_and_falls_back_to_global(loc, queries):
+    from reloc_ros.localizer import PosePrior
+
+    q = queries[4]
+    cov = np.diag([0.1 ** 2] * 3 + [np.radians(5) ** 2] * 3)
+    near = loc.keyframes_near(PosePrior(q.T_world_cam, cov))
+    centres = loc.kmap.T_world_cam[near, :3, 3]
+    assert len(near) and np.all(np.linalg.norm(centres - q.T_world_cam[:3, 3], axis=1) <= 1.0 + 1e-9)
+    r = loc.localize(q.image, q.camera, PosePrior(q.T_world_cam, cov))
+    assert r.localized and r.retrieval == "prior"
+    used = loc.kmap.T_world_cam[r.keyframe_ids, :3, 3]
+    assert np.all(np.linalg.norm(used - q.T_world_cam[:3, 3], axis=1) <= 1.0 + 1e-9)
+    assert pose_errors(r.T_world_cam, q.T_world_cam)[0] < 0.05
+    # a prior off the map has no keyframes near it: plain global retrieval
+    far = q.T_world_cam.copy()
+    far[:3, 3] += [50.0, 0.0, 0.0]
+    assert len(loc.keyframes_near(PosePrior(far, cov))) == 0
+    assert loc.localize(q.image, q.camera, PosePrior(far, cov)).retrieval == "global"
+    # a prior looking the other way selects keyframes that do not see the query; the
+    # fallback still localizes it
+    back = q.T_world_cam.copy()
+    back[:3, :3] = back[:3, :3] @ np.diag([-1.0, 1.0, -1.0])
+    r = loc.localize(q.image, q.camera, PosePrior(back, cov))
+    assert r.localized and pose_errors(r.T_world_cam, q.T_world_cam)[0] < 0.05
+    assert r.retrieval in ("global", "prior+global")
+    nan = np.full((4, 4), np.nan)
+    assert len(loc.keyframes_near(PosePrior(nan, cov))) == 0

@@ -105,3 +105,201 @@ def test_failed_rebuild_keeps_the_old_map(small_depth_map, tmp_path):
     with pytest.raises(MapError, match="no usable keyframes"):
         build_map([], m, overwrite=True)
     assert KeyframeMap.load(m).num_keyframes == 20
+
+
+# --------------------------------------------------------------------------- corrupt arrays
+
+def _rewrite_npz(m, fname, drop=(), **replace):
+    """Rewrite one npz of map ``m`` (drop / replace arrays) and refresh its manifest checksum,
+    so that the array checks, not the checksum check, are what a corruption meets."""
+    from reloc_ros.maps import _sha256
+
+    f = m / fname
+    with np.load(f, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files if k not in drop}
+    arrays.update(replace)
+    np.savez(f, **arrays)
+    man = json.loads((m / "manifest.json").read_text())
+    man["files"][fname] = _sha256(f)
+    (m / "manifest.json").write_text(json.dumps(man))
+
+
+def _arrays(m, fname):
+    with np.load(m / fname, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _corruptions(m):
+    """(file, drop, replace, expected message) cases built from the real arrays of map m."""
+    kf, ft = _arrays(m, "keyframes.npz"), _arrays(m, "features.npz")
+    T_nan = kf["T_world_cam"].copy()
+    T_nan[3, 0, 3] = np.nan
+    T_scaled = kf["T_world_cam"].copy()
+    T_scaled[5, :3, :3] *= 2.0
+    off = ft["offsets"].copy()
+    off_swapped = off.copy()
+    off_swapped[[4, 5]] = off_swapped[[5, 4]]
+    return [
+        ("features.npz", ("descriptors",), {}, r"features.npz has no array 'descriptors'"),
+        ("keyframes.npz", ("T_world_cam",), {}, r"keyframes.npz has no array 'T_world_cam'"),
+        ("retrieval.npz", ("global_descriptors",), {}, r"retrieval.npz has no array 'global_descriptors'"),
+        ("keyframes.npz", (), {"names": kf["names"][:-1]},
+         r"keyframes.npz\['T_world_cam'\] has shape \[20, 4, 4\], expected \[N, 4, 4\] with N=19"),
+        ("keyframes.npz", (), {"K": kf["K"][:, :2]},
+         r"keyframes.npz\['K'\] has shape \[20, 2, 3\], expected \[N, 3, 3\]"),
+        ("keyframes.npz", (), {"sizes": kf["sizes"].astype(np.float32)}, r"keyframes.npz\['sizes'\] has dtype float32"),
+        ("keyframes.npz", (), {"T_world_cam": T_nan}, r"keyframes.npz\['T_world_cam'\]\[3\] .* not a finite rigid"),
+        ("keyframes.npz", (), {"T_world_cam": T_scaled}, r"keyframes.npz\['T_world_cam'\]\[5\] .* not a finite rigid"),
+        ("features.npz", (), {"keypoints": np.zeros((len(ft["keypoints"]), 3), np.float32)},
+         r"features.npz\['keypoints'\] has shape \[\d+, 3\], expected \[M, 2\]"),
+        ("features.npz", (), {"descriptors": ft["descriptors"][:, :64]},
+         r"features.npz\['descriptors'\] has shape \[\d+, 64\], expected \[M, 128\] with M=\d+"),
+        ("features.npz", (), {"points3d": ft["points3d"][:-1]}, r"features.npz\['points3d'\] has shape"),
+        ("features.npz", (), {"point_source": ft["point_source"][:-1]}, r"features.npz\['point_source'\] has shape"),
+        ("features.npz", (), {"offsets": off[:-1]},
+         r"features.npz\['offsets'\] has shape \[20\], expected \[N\+1\] with N\+1=21"),
+        ("features.npz", (), {"offsets": off_swapped},
+         r"features.npz\['offsets'\] must rise monotonically .*not monotone"),
+        ("features.npz", (), {"offsets": np.append(off[:-1], off[-1] - 1)},
+         r"features.npz\['offsets'\] must rise .* to the \d+ keypoints"),
+        ("retrieval.npz", (), {"global_descriptors": _arrays(m, "retrieval.npz")["global_descriptors"][:-1]},
+         r"retrieval.npz\['global_descriptors'\] has shape \[19, \d+\], expected \[N, D\] with N=20"),
+    ]
+
+
+def test_every_array_is_checked_with_a_map_error_naming_file_and_key(small_depth_map, tmp_path):
+    for k, (fname, drop, replace, message) in enumerate(_corruptions(small_depth_map)):
+        m = _copy(small_depth_map, tmp_path / f"m{k}")
+        _rewrite_npz(m, fname, drop, **replace)
+        with pytest.raises(MapError, match=message):
+            KeyframeMap.load(m)
+        shutil.rmtree(m)
+
+
+def test_index_size_must_match_the_keyframes(small_depth_map, tmp_path):
+    from reloc_ros.maps import _sha256
+    from reloc_ros.retrieval import RetrievalIndex
+
+    m = _copy(small_depth_map, tmp_path / "m")
+    G = _arrays(m, "retrieval.npz")["global_descriptors"]
+    RetrievalIndex.build(G[:-2]).save(m / "index.faiss")
+    man = json.loads((m / "manifest.json").read_text())
+    man["files"]["index.faiss"] = _sha256(m / "index.faiss")
+    (m / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(MapError, match="index.faiss has 18 entries for 20 keyframes"):
+        KeyframeMap.load(m)
+
+
+def test_keyframe_image_without_a_checksum_is_refused(small_depth_map, tmp_path):
+    m = _copy(small_depth_map, tmp_path / "m")
+    man = json.loads((m / "manifest.json").read_text())
+    del man["files"]["images/000007.jpg"]
+    (m / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(MapError, match="lists no checksum for keyframe image images/000007.jpg"):
+        KeyframeMap.load(m)
+
+
+def _set_release(m, version):
+    man = json.loads((m / "manifest.json").read_text())
+    if version is None:
+        del man["reloc_ros_version"]
+    else:
+        man["reloc_ros_version"] = version
+    (m / "manifest.json").write_text(json.dumps(man))
+
+
+def test_reloc_ros_version_policy(small_depth_map, tmp_path, caplog):
+    import logging
+
+    from reloc_ros import __version__
+    from reloc_ros.maps import _release
+
+    major, minor, patch = _release(__version__)
+    m = _copy(small_depth_map, tmp_path / "m")
+    _set_release(m, f"{major}.{minor + 1}.0")
+    with pytest.raises(MapError, match=rf"written by reloc_ros {major}\.{minor + 1}\.0, newer than this"):
+        KeyframeMap.load(m)
+    _set_release(m, f"{major + 1}.0.0")
+    with pytest.raises(MapError, match="upgrade reloc_ros or rebuild"):
+        KeyframeMap.load(m)
+    for bad in (None, "banana"):
+        _set_release(m, bad)
+        with pytest.raises(MapError, match="no valid 'reloc_ros_version'"):
+            KeyframeMap.load(m)
+    with caplog.at_level(logging.WARNING, logger="reloc_ros.maps"):
+        _set_release(m, f"{major}.{minor}.{patch + 1}")
+        assert KeyframeMap.load(m).num_keyframes == 20
+        assert "newer patch release" in caplog.text
+        caplog.clear()
+        _set_release(m, "0.0.1" if (major, minor, patch) > (0, 0, 1) else "0.0.0")
+        assert KeyframeMap.load(m).num_keyframes == 20
+        assert "older reloc_ros" in caplog.text
+        caplog.clear()
+        _set_release(m, __version__)
+        KeyframeMap.load(m)
+        assert caplog.text == ""
+
+
+# --------------------------------------------------------------------------- atomic replacement
+
+@pytest.fixture(scope="module")
+def two_frame_sets(seven_scenes):
+    """Two disjoint sets of 3 real frames (different keyframe 0)."""
+    ds = open_dataset("7scenes", seven_scenes, frames="0:60:5", use_depth=False)
+    return [ds[i] for i in (0, 4, 8)], [ds[i] for i in (2, 6, 10)]
+
+
+FAST = dict(use_depth=False, triangulate=False)
+
+
+def test_rebuilt_map_is_detected_by_a_loaded_one(two_frame_sets, tmp_path):
+    a_frames, b_frames = two_frame_sets
+    path = tmp_path / "map"
+    a = KeyframeMap.load(build_map(a_frames, path, MapBuildConfig(**FAST)))
+    img_a0 = a.image(0)
+    build_map(b_frames, path, MapBuildConfig(**FAST), overwrite=True)
+    # Same path, same index 0, another image: refused, not silently returned.
+    with pytest.raises(MapError, match="changed on disk since it was loaded; reload it"):
+        a.image(0)
+    b = KeyframeMap.load(path)
+    assert b.names == [f.name for f in b_frames] and a.names != b.names
+    assert not np.array_equal(b.image(0), img_a0)
+    # nothing left beside the map: neither the build directory nor the old map
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map"]
+    with pytest.raises(MapError, match="out of range"):
+        b.image(3)
+
+
+def test_swap_never_leaves_the_path_missing(tmp_path):
+    import threading
+
+    from reloc_ros.maps import _swap_into_place
+
+    target = tmp_path / "map"
+    target.mkdir()
+    (target / "manifest.json").write_text("0")
+    seen_missing, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if not (target / "manifest.json").is_file():
+                seen_missing.append(1)
+
+    th = threading.Thread(target=watch)
+    th.start()
+    methods = set()
+    try:
+        for k in range(1, 200):
+            new = tmp_path / "map.partial"
+            new.mkdir()
+            (new / "manifest.json").write_text(str(k))
+            methods.add(_swap_into_place(new, target))
+    finally:
+        stop.set()
+        th.join()
+    assert (target / "manifest.json").read_text() == "199"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map"]
+    if methods == {"exchange"}:
+        assert not seen_missing  # renameat2(RENAME_EXCHANGE): atomic
+    else:
+        assert methods == {"rename-aside"}, methods  # kernel/filesystem without RENAME_EXCHANGE

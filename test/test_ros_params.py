@@ -44,6 +44,13 @@ def test_shipped_yaml_lists_every_parameter_with_its_default():
     ({"estimator_options": "{a: [1"}, "not valid YAML"),
     ({"localizer_options": "{top_k: 3}"}, "must not set"),
     ({"no_such_param": 1}, "unknown parameter"),
+    ({"tracker_options": "{gate_quantile: 2}"}, "gate_quantile"),
+    ({"tracker_options": "{windw: 3}"}, "unknown tracker_options option"),
+    ({"tracker_options": "{min_confidence: 0.5}"}, "node parameters"),
+    ({"num_threads": -1}, "num_threads"),
+    ({"max_image_pixels": 0}, "max_image_pixels"),
+    ({"hint_timeout": -1.0}, "hint_timeout"),
+    ({"publish_degenerate": True}, "unknown parameter"),  # replaced by fuse_degenerate
 ])
 def test_bad_values_are_refused_with_the_parameter_named(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -73,3 +80,9 @@ def test_node_defaults_agree_with_the_core():
 
     assert NodeParams().top_k == LocalizerConfig().top_k
     assert NodeParams().estimator == LocalizerConfig().estimator
+
+
+def test_tracker_config_comes_from_node_parameters():
+    p = NodeParams.from_dict({"min_confidence": 0.3, "fuse_degenerate": True, "tracker_options": "{window: 4}"})
+    cfg = p.tracker_config()
+    assert (cfg.min_confidence, cfg.fuse_degenerate, cfg.window) == (0.3, True, 4)

@@ -127,3 +127,99 @@ def test_reparenting_replaces_history():
     b.set_transform("map", "base_link", 2 * S, _T(0, 0, 0, 1, 2, 3))
     assert not b.can_transform("odom", "base_link", 1 * S)
     np.testing.assert_allclose(b.lookup("map", "base_link", 2 * S)[:3, 3], [1, 2, 3])
+
+
+# --------------------------------------------------------------------------- time going backwards
+
+def test_backwards_jump_clears_the_link_and_lookups_work_at_the_new_times(caplog):
+    import logging
+
+    b = TfBuffer(cache_time_s=10.0)
+    b.set_transform("base_link", "camera", 0, _T(0, 0, 0, 0.1, 0, 0), static=True)
+    for k in range(100, 131):  # the first pass of a bag: 100..130 s
+        b.set_transform("odom", "base_link", k * S, _T(0, 0, 0, k, 0, 0))
+    assert b.jumps_back == 0
+    with caplog.at_level(logging.WARNING, logger="reloc_ros.ros.tf_buffer"):
+        # the bag loops: time restarts at 100 s
+        b.set_transform("odom", "base_link", 100 * S, _T(0, 0, 0, -1, 0, 0))
+        b.set_transform("odom", "base_link", 101 * S, _T(0, 0, 0, -2, 0, 0))
+    assert b.jumps_back == 1  # once per jump, not per sample
+    assert "went back in time from 130.000 s to 100.000 s" in caplog.text
+    # interpolated between the new samples only (the old pass said x = 100.5 here)
+    np.testing.assert_allclose(b.lookup("odom", "base_link", int(100.5 * S))[:3, 3], [-1.5, 0, 0], atol=1e-12)
+    np.testing.assert_allclose(b.lookup("odom", "camera", int(100.5 * S))[:3, 3], [-1.4, 0, 0], atol=1e-12)
+    assert not b.can_transform("odom", "base_link", 120 * S)  # the old pass is gone
+
+
+def test_small_steps_back_are_out_of_order_samples_not_jumps():
+    b = TfBuffer(cache_time_s=10.0)
+    b.set_transform("map", "odom", int(10.5 * S), _T(0, 0, 0, 2, 0, 0))  # forward-dated
+    b.set_transform("map", "odom", 10 * S, _T(0, 0, 0, 1, 0, 0))  # 0.5 s older: within tolerance
+    assert b.jumps_back == 0
+    np.testing.assert_allclose(b.lookup("map", "odom", int(10.25 * S))[:3, 3], [1.5, 0, 0], atol=1e-12)
+
+
+def test_tolerance_is_capped_by_the_cache_time():
+    # A 0.8 s step back with a 0.5 s cache: stored as a jump, not pruned at once, so the
+    # link does not stay stuck behind its old newest sample.
+    b = TfBuffer(cache_time_s=0.5, jump_back_tolerance_s=1.0)
+    assert b.jump_back_tolerance_s == 0.5
+    b.set_transform("odom", "base_link", 10 * S, np.eye(4))
+    b.set_transform("odom", "base_link", int(9.2 * S), _T(0, 0, 0, 1, 0, 0))
+    b.set_transform("odom", "base_link", int(9.3 * S), _T(0, 0, 0, 2, 0, 0))
+    assert b.jumps_back == 1
+    np.testing.assert_allclose(b.lookup("odom", "base_link", int(9.25 * S))[:3, 3], [1.5, 0, 0], atol=1e-12)
+    with pytest.raises(ValueError, match="jump_back_tolerance_s"):
+        TfBuffer(jump_back_tolerance_s=0)
+
+
+def test_clear_keeps_static_links_and_the_tree(buf):
+    buf.clear()
+    np.testing.assert_allclose(buf.lookup("base_link", "camera", 5 * S), _T(-1.2, 0.1, -1.5, 0.3, 0.0, 0.9),
+                               atol=1e-12)
+    with pytest.raises(TfLookupError, match="no data for odom -> base_link"):
+        buf.lookup("odom", "base_link", 10 * S)
+    buf.set_transform("odom", "base_link", 1 * S, _T(0, 0, 0, 3, 0, 0))
+    np.testing.assert_allclose(buf.lookup("odom", "camera", 1 * S)[:3, 3],
+                               (_T(0, 0, 0, 3, 0, 0) @ _T(-1.2, 0.1, -1.5, 0.3, 0.0, 0.9))[:3, 3], atol=1e-12)
+
+
+def test_listener_clears_the_buffer_when_ros_time_jumps_back():
+    for mod in ("rclpy", "tf2_msgs.msg"):
+        pytest.importorskip(mod, reason=f"{mod} is not installed")
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.time import Time
+
+    from reloc_ros.demo.procs import unique_domain_id
+    from reloc_ros.ros.tf_buffer import TfListener
+
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=unique_domain_id())
+    node = None
+    try:
+        node = rclpy.create_node("tf_jump_test", context=ctx)
+        b = TfBuffer()
+        listener = TfListener(node, b)
+        b.set_transform("jt_base", "jt_cam", 0, np.eye(4), static=True)
+        b.set_transform("jt_odom", "jt_base", 100 * S, np.eye(4))
+        clock = node.get_clock()
+        # What rclpy's TimeSource does with use_sim_time and /clock messages:
+        clock._set_ros_time_is_active(True)
+        clock.set_ros_time_override(Time(seconds=100, clock_type=clock.clock_type))
+        b.set_transform("jt_odom", "jt_base", 100 * S, np.eye(4))
+        jumps = listener.clock_jumps
+        clock.set_ros_time_override(Time(seconds=99.5, clock_type=clock.clock_type))  # within tolerance
+        assert listener.clock_jumps == jumps and b.can_transform("jt_odom", "jt_base", 100 * S)
+        clock.set_ros_time_override(Time(seconds=5, clock_type=clock.clock_type))  # simulator restart
+        assert listener.clock_jumps == jumps + 1
+        assert not b.can_transform("jt_odom", "jt_base", 100 * S)
+        assert b.can_transform("jt_base", "jt_cam", 5 * S)  # static survives
+        listener.close()
+        b.set_transform("jt_odom", "jt_base", 5 * S, np.eye(4))
+        clock.set_ros_time_override(Time(seconds=1, clock_type=clock.clock_type))
+        assert b.can_transform("jt_odom", "jt_base", 5 * S)  # unregistered: no more clearing
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.shutdown(context=ctx)

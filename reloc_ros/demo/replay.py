@@ -68,9 +68,11 @@ class FrameOutcome:
     index: int
     name: str
     stamp_ns: int
-    T_map_base: Optional[np.ndarray] = None  # from ~/pose
+    T_map_base: Optional[np.ndarray] = None  # from ~/pose (fused)
     covariance: Optional[np.ndarray] = None
-    T_map_odom: Optional[np.ndarray] = None  # from /tf at stamp + transform_tolerance
+    T_map_odom: Optional[np.ndarray] = None  # newest map->odom on /tf after ~/pose arrived
+    T_map_base_raw: Optional[np.ndarray] = None  # from ~/pose_raw (this frame's own fix)
+    covariance_raw: Optional[np.ndarray] = None
     latency_ms: float = float("nan")  # image stamp -> ~/pose received here
     diagnostics: Optional[Diagnostics] = None
     extra: Dict[str, float] = field(default_factory=dict)
@@ -127,12 +129,15 @@ class Replayer:
 
         self._cond = threading.Condition()
         self.poses: Dict[int, Tuple[np.ndarray, np.ndarray, float]] = {}  # stamp -> (T, cov, recv wall ns)
+        self.raw_poses: Dict[int, Tuple[np.ndarray, np.ndarray, float]] = {}  # ~/pose_raw, same layout
         self.initialposes: Dict[int, np.ndarray] = {}
         self.tf_received: Dict[Tuple[str, str], Dict[int, np.ndarray]] = {}
         self.diag: Optional[Diagnostics] = None
         self.resends = 0  # frames sent again by run_frame because the node had not counted them
         self.diag_history: List[Diagnostics] = []
         self.node.create_subscription(PoseWithCovarianceStamped, self.pose_topic, self._on_pose, rel)
+        self.node.create_subscription(PoseWithCovarianceStamped, f"{self.reloc_node}/pose_raw",
+                                      lambda m: self._on_pose(m, self.raw_poses), rel)
         self.node.create_subscription(TFMessage, "/tf", self._on_tf, rel)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, rel)
         if initialpose_topic:
@@ -180,13 +185,13 @@ class Replayer:
         return self.node.get_clock().now().nanoseconds
 
     # ------------------------------------------------------------------ callbacks
-    def _on_pose(self, msg) -> None:
+    def _on_pose(self, msg, into: Optional[dict] = None) -> None:
         from reloc_ros.ros.conversions import pose_with_covariance_to_numpy, stamp_to_ns
 
         T, cov = pose_with_covariance_to_numpy(msg)
         recv = time.time_ns()
         with self._cond:
-            self.poses[stamp_to_ns(msg.header.stamp)] = (T, cov, recv)
+            (self.poses if into is None else into)[stamp_to_ns(msg.header.stamp)] = (T, cov, recv)
             self._cond.notify_all()
 
     def _on_initialpose(self, msg) -> None:
@@ -283,6 +288,22 @@ class Replayer:
         with self._cond:
             return self.tf_received.get((parent, child), {}).get(stamp_ns)
 
+    def tf_newest(self, parent: str, child: str, min_stamp_ns: int, timeout: float = 1.0) -> Optional[np.ndarray]:
+        """The newest transform the node published with a stamp >= min_stamp_ns, or None.
+
+        The node stamps TF with its clock + transform_tolerance, so after a pose arrived
+        (receive time t) the transform it sent with that pose carries a stamp >= t.
+        """
+        def newest():
+            d = self.tf_received.get((parent, child), {})
+            ok = [s for s in d if s >= min_stamp_ns]
+            return d[max(ok)] if ok else None
+
+        self.wait_for(lambda: newest() is not None, timeout)
+        time.sleep(0.05)  # a re-broadcast of the previous value may have overtaken the new one
+        with self._cond:
+            return newest()
+
     # ------------------------------------------------------------------ publishing
     def publish_mount(self) -> None:
         """base_link -> camera on /tf_static (latched)."""
@@ -326,12 +347,20 @@ class Replayer:
 
     def publish_frame(self, index: int, image: np.ndarray, camera: Camera, T_world_cam: np.ndarray,
                       stamp_ns: Optional[int] = None, encoding: str = "rgb8", send_info: bool = True,
-                      image_msg=None, info_camera: Optional[Camera] = None) -> int:
-        """Send TF odom->base (ground truth with drift), CameraInfo (of ``info_camera`` if given)
-        and the image, all with one stamp; returns the stamp."""
+                      image_msg=None, info_camera: Optional[Camera] = None,
+                      T_odom_base: Optional[np.ndarray] = None) -> int:
+        """Send TF odom->base, CameraInfo (of ``info_camera`` if given) and the image, all with
+        one stamp; returns the stamp.
+
+        odom->base is ``T_odom_base`` [4, 4] when given (e.g. from
+        ``reloc_ros.sequence.drifting_odometry``), else the ground truth seen from the
+        drifting ``true_map_to_odom(index)``.
+        """
         stamp = self.now_ns() if stamp_ns is None else stamp_ns
-        T_map_base = np.asarray(T_world_cam, dtype=np.float64) @ invert(self.T_base_cam)
-        self.publish_odom(invert(true_map_to_odom(index)) @ T_map_base, stamp)
+        if T_odom_base is None:
+            T_map_base = np.asarray(T_world_cam, dtype=np.float64) @ invert(self.T_base_cam)
+            T_odom_base = invert(true_map_to_odom(index)) @ T_map_base
+        self.publish_odom(T_odom_base, stamp)
         if send_info:
             self.publish_camera_info(camera if info_camera is None else info_camera, stamp)
         if image_msg is None:
@@ -362,12 +391,18 @@ class Replayer:
                 break
             self.resends += 1
             self.publish_frame(index, image, camera, T_world_cam, stamp_ns=stamp, **publish_kw)
-        self.wait_for(lambda: stamp in self.poses or (self.diag is not None and self.diag.handled > before), timeout)
+        self.wait_for(lambda: stamp in self.poses or stamp in self.raw_poses
+                      or (self.diag is not None and self.diag.handled > before), timeout)
         pose = self.wait_pose(stamp, 0.3)
+        self.wait_for(lambda: stamp in self.raw_poses, 0.3)  # the two topics need not arrive in order
+        with self._cond:
+            raw = self.raw_poses.get(stamp)
+        if raw is not None:
+            out.T_map_base_raw, out.covariance_raw = raw[0], raw[1]
         if pose is not None:
             out.T_map_base, out.covariance = pose[0], pose[1]
             out.latency_ms = (pose[2] - stamp) * 1e-6
-            out.T_map_odom = self.tf_at(self.map_frame, self.odom_frame, stamp + int(tolerance_s * 1e9), 1.0)
+            out.T_map_odom = self.tf_newest(self.map_frame, self.odom_frame, pose[2], 1.0)
         self.wait_for(lambda: self.diag is not None and self.diag.handled > before, 2.0)
         with self._cond:
             out.diagnostics = self.diag

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from reloc_ros.types import Camera, InvalidInputError
+from reloc_ros.types import OPENCV_DIST_LENGTHS, Camera, InvalidInputError
 
 
 class MessageConversionError(InvalidInputError):
@@ -34,8 +34,20 @@ ENCODINGS = {
     "bgra8": (np.uint8, 4, "BGRA"),
 }
 
-# Distortion models a pinhole Camera with OpenCV coefficients can represent.
+# Distortion models a pinhole Camera with OpenCV coefficients can represent, and the
+# number of coefficients each has in a CameraInfo (REP-104); "" (unset) takes any
+# length OpenCV accepts.
 _PINHOLE_MODELS = {"", "plumb_bob", "rational_polynomial"}
+_MODEL_DIST_LENGTH = {"plumb_bob": 5, "rational_polynomial": 8}
+
+# Largest image decoded by default (pixels). 50 MP is above any camera a localizer
+# runs on (8K UHD is 33 MP) while bounding a decode to ~150 MB for RGB (~300 MB for
+# 16-bit), so a corrupt or hostile header cannot make the node allocate gigabytes.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers: C0..CF except DHT (C4), JPG (C8) and DAC (CC).
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 # --------------------------------------------------------------------------- time
@@ -121,11 +133,7 @@ def to_localizer_image(arr: np.ndarray, encoding: str) -> np.ndarray:
     enc = encoding.lower()
     order = ENCODINGS[enc][2]
     if order == "L":
-        if arr.dtype == np.uint16:
-            top = int(arr.max()) if arr.size else 0
-            shift = max(int(top).bit_length() - 8, 0)
-            return (arr >> shift).astype(np.uint8)
-        return arr
+        return _shift_to_uint8(arr) if arr.dtype == np.uint16 else arr
     if order == "RGB":
         return arr
     if order == "BGR":
@@ -135,37 +143,174 @@ def to_localizer_image(arr: np.ndarray, encoding: str) -> np.ndarray:
     return np.ascontiguousarray(arr[..., 2::-1])  # BGRA
 
 
-def image_msg_to_rgb(msg) -> np.ndarray:
-    """sensor_msgs/Image -> [H, W, 3] uint8 RGB or [H, W] uint8 grey (localizer input)."""
+def _shift_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """uint16 pixels (any shape) -> uint8, shifted right by the fewest bits that fit the
+    maximum into 8 bits. One shift for all channels keeps the colour balance; a power of
+    two keeps 10/12-bit sensors bright without per-frame contrast stretching."""
+    top = int(arr.max()) if arr.size else 0
+    shift = max(top.bit_length() - 8, 0)
+    return (arr >> shift).astype(np.uint8)
+
+
+def check_image_size(width: int, height: int, expected_size: Optional[Tuple[int, int]] = None,
+                     max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "image") -> None:
+    """Refuse an image size before any pixel is decoded or copied.
+
+    width, height: pixels, as the message or the compressed header states them.
+    expected_size: (width, height) in pixels the image must have (the CameraInfo's), or None.
+    max_pixels: largest width * height accepted. Raises MessageConversionError.
+    """
+    w, h = int(width), int(height)
+    if w <= 0 or h <= 0:
+        raise MessageConversionError(f"{what} has an empty size {w}x{h}")
+    if w * h > max_pixels:
+        raise MessageConversionError(
+            f"{what} is {w}x{h} ({w * h / 1e6:.1f} MP), above the limit of {max_pixels / 1e6:.1f} MP "
+            f"(max_pixels); refused before decoding"
+        )
+    if expected_size is not None and (w, h) != (int(expected_size[0]), int(expected_size[1])):
+        raise MessageConversionError(
+            f"{what} is {w}x{h} but CameraInfo says {int(expected_size[0])}x{int(expected_size[1])}"
+        )
+
+
+def _check_max_pixels(max_pixels: int) -> int:
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels <= 0:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    return int(max_pixels)
+
+
+def image_msg_to_rgb(msg, expected_size: Optional[Tuple[int, int]] = None,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """sensor_msgs/Image -> [H, W, 3] uint8 RGB or [H, W] uint8 grey (localizer input).
+
+    The stated size is checked against ``max_pixels`` and ``expected_size`` (w, h) before
+    the data are touched. Raises MessageConversionError.
+    """
+    check_image_size(msg.width, msg.height, expected_size, _check_max_pixels(max_pixels))
     return to_localizer_image(image_to_numpy(msg), str(msg.encoding).strip())
 
 
-def compressed_msg_to_rgb(msg) -> np.ndarray:
+def _u16(data: np.ndarray, i: int) -> int:
+    return (int(data[i]) << 8) | int(data[i + 1])
+
+
+def _u32(data: np.ndarray, i: int) -> int:
+    return int.from_bytes(data[i:i + 4].tobytes(), "big")
+
+
+def _jpeg_size(data: np.ndarray) -> Tuple[int, int]:
+    """(width, height) from the first start-of-frame segment; only segment headers are read.
+
+    Segments before the frame header (APPn such as EXIF, whose thumbnail's own SOF lies
+    inside the APP1 segment, DQT, DHT, ...) are skipped by their length field.
+    Raises ValueError with the reason when the header is corrupt or truncated.
+    """
+    n = data.size
+    i = 2  # after SOI
+    while True:
+        if i >= n:
+            raise ValueError("JPEG ends before its frame header (SOF)")
+        if data[i] != 0xFF:
+            raise ValueError(f"JPEG header is corrupt: no marker at byte {i}")
+        while i < n and data[i] == 0xFF:  # fill bytes may pad any marker
+            i += 1
+        if i >= n:
+            raise ValueError("JPEG ends before its frame header (SOF)")
+        marker = int(data[i])
+        i += 1
+        if marker == 0xD8 or marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            continue  # standalone markers: no length field
+        if marker == 0x00 or marker == 0xD9 or marker == 0xDA:
+            raise ValueError(f"JPEG has no frame header (SOF) before marker 0xFF{marker:02X}")
+        if i + 2 > n:
+            raise ValueError("JPEG header is truncated")
+        length = _u16(data, i)
+        if length < 2:
+            raise ValueError(f"JPEG segment 0xFF{marker:02X} has an invalid length {length}")
+        if marker in _JPEG_SOF:
+            if length < 8 or i + 7 > n:
+                raise ValueError("JPEG frame header (SOF) is truncated")
+            height, width = _u16(data, i + 3), _u16(data, i + 5)
+            if height == 0:
+                raise ValueError("JPEG frame header gives height 0 (a DNL-defined height is not supported)")
+            return width, height
+        i += length
+
+
+def compressed_image_size(data) -> Tuple[str, int, int]:
+    """(container, width, height) of PNG or JPEG bytes, read from the header without decoding.
+
+    PNG: the IHDR chunk, which the PNG specification requires first. JPEG: the first
+    start-of-frame segment (baseline, progressive, lossless, arithmetic). Sizes in pixels.
+    Raises MessageConversionError for other containers and corrupt or truncated headers.
+    """
+    arr = _as_bytes_array(data)
+    n = arr.size
+    head = arr[:8].tobytes()
+    if head == _PNG_SIGNATURE:
+        # signature (8) | chunk length (4) | "IHDR" (4) | width (4) | height (4) | ...
+        if n < 24 or arr[12:16].tobytes() != b"IHDR":
+            raise MessageConversionError(f"PNG ({n} B) could not be decoded: its header has no IHDR chunk")
+        return "png", _u32(arr, 16), _u32(arr, 20)
+    if head[:2] == b"\xff\xd8":
+        try:
+            w, h = _jpeg_size(arr)
+        except ValueError as e:
+            raise MessageConversionError(f"JPEG ({n} B) could not be decoded: {e}") from None
+        return "jpeg", w, h
+    raise MessageConversionError(
+        f"compressed image ({n} B, first bytes {head[:4].hex()}) is neither JPEG nor PNG; "
+        "only JPEG and PNG are supported"
+    )
+
+
+def _decoded_to_localizer(img: np.ndarray, what: str) -> np.ndarray:
+    """cv2.imdecode output (BGR/BGRA/grey, uint8 or uint16) -> [H, W, 3] uint8 RGB or [H, W] uint8."""
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[..., 0]
+    if img.ndim == 3:
+        if img.shape[2] not in (3, 4):
+            raise MessageConversionError(f"{what} decodes to {img.shape[2]} channels (1, 3 or 4 supported)")
+        img = img[..., 2::-1]  # BGR(A) -> RGB, alpha dropped (before the shift: alpha must not set it)
+    if img.dtype == np.uint16:
+        img = _shift_to_uint8(img)
+    elif img.dtype != np.uint8:
+        raise MessageConversionError(f"{what} decodes to unsupported dtype {img.dtype}")
+    return np.ascontiguousarray(img)
+
+
+def compressed_msg_to_rgb(msg, expected_size: Optional[Tuple[int, int]] = None,
+                          max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """sensor_msgs/CompressedImage (jpeg/png) -> [H, W, 3] uint8 RGB or [H, W] uint8 grey.
 
-    Raises MessageConversionError for depth-compressed streams and undecodable bytes.
+    The width and height are read from the PNG/JPEG header first, and the image is refused
+    above ``max_pixels`` or when it differs from ``expected_size`` (w, h) before
+    ``cv2.imdecode`` allocates anything, so a decompression bomb costs nothing. 8- and
+    16-bit grey, colour and colour+alpha are accepted; 16-bit is shifted to 8 bits as
+    mono16 is (``to_localizer_image``), alpha is dropped. Raises MessageConversionError for
+    depth-compressed streams, containers other than JPEG/PNG and undecodable bytes.
     """
+    max_pixels = _check_max_pixels(max_pixels)
     fmt = str(msg.format).lower()
     if "compresseddepth" in fmt:
         raise MessageConversionError(f"compressed depth images are not colour images (format '{msg.format}')")
     data = _as_bytes_array(msg.data)
     if data.size == 0:
         raise MessageConversionError("compressed image has no data")
+    container, w, h = compressed_image_size(data)
+    what = f"{container.upper()} image"
+    check_image_size(w, h, expected_size, max_pixels, what)
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         raise MessageConversionError(
             f"compressed image ({data.size} B, format '{msg.format}') could not be decoded"
         )
-    if img.dtype == np.uint16:
-        img = to_localizer_image(img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), "mono16")
-        return img
-    if img.dtype != np.uint8:
-        raise MessageConversionError(f"compressed image decodes to unsupported dtype {img.dtype}")
-    if img.ndim == 2:
-        return img
-    if img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if img.shape[:2] != (h, w):  # e.g. a decoder applying EXIF orientation
+        raise MessageConversionError(
+            f"{what} decoded to {img.shape[1]}x{img.shape[0]} but its header says {w}x{h}"
+        )
+    return _decoded_to_localizer(img, what)
 
 
 def numpy_to_image_msg(arr: np.ndarray, encoding: str, stamp_ns: int = 0, frame_id: str = ""):
@@ -225,11 +370,15 @@ def numpy_to_compressed_msg(rgb: np.ndarray, fmt: str = "jpeg", stamp_ns: int = 
 
 
 def camera_info_to_camera(msg) -> Camera:
-    """sensor_msgs/CameraInfo -> Camera (K in pixels of the full-resolution image).
+    """sensor_msgs/CameraInfo -> Camera (K in pixels of the image as published).
 
     Binning and ROI are applied to K, width and height, as image_proc does. Raises
-    MessageConversionError for an uncalibrated camera (K all zeros), non-finite values, or
-    a distortion model that is not OpenCV's pinhole one (plumb_bob, rational_polynomial).
+    MessageConversionError for an uncalibrated camera (K all zeros), non-finite values, a
+    distortion model that is not OpenCV's pinhole one (plumb_bob, rational_polynomial), a
+    distortion vector of the wrong length for its model (plumb_bob 5, rational_polynomial
+    8, unset: 4, 5, 8, 12 or 14; all zeros of any length means none), skew (K[0,1] != 0:
+    the pinhole model here ignores it), or a principal point outside the image after
+    ROI/binning (see ``Camera.validate``).
     """
     K = np.asarray(msg.k, dtype=np.float64).reshape(3, 3)
     width, height = int(msg.width), int(msg.height)
@@ -240,16 +389,28 @@ def camera_info_to_camera(msg) -> Camera:
     K = K / K[2, 2]
     model = str(msg.distortion_model).strip().lower()
     D = np.asarray(msg.d, dtype=np.float64).ravel()
-    if model not in _PINHOLE_MODELS and np.any(D):
-        raise MessageConversionError(
-            f"unsupported distortion model '{msg.distortion_model}' (plumb_bob or rational_polynomial)"
-        )
     if not np.all(np.isfinite(D)):
         raise MessageConversionError("CameraInfo distortion coefficients are not finite")
+    if np.any(D):
+        if model not in _PINHOLE_MODELS:
+            raise MessageConversionError(
+                f"unsupported distortion model '{msg.distortion_model}' (plumb_bob or rational_polynomial)"
+            )
+        want = _MODEL_DIST_LENGTH.get(model)
+        if want is not None and D.size != want:
+            raise MessageConversionError(
+                f"CameraInfo distortion model '{model}' needs {want} coefficients, got {D.size}"
+            )
+        if D.size not in OPENCV_DIST_LENGTHS:
+            raise MessageConversionError(
+                f"CameraInfo has {D.size} distortion coefficients; OpenCV accepts "
+                f"{', '.join(map(str, OPENCV_DIST_LENGTHS))}"
+            )
     roi = msg.roi
     bx = max(int(msg.binning_x), 1)
     by = max(int(msg.binning_y), 1)
-    if int(roi.width) > 0 and int(roi.height) > 0:
+    use_roi = int(roi.width) > 0 and int(roi.height) > 0
+    if use_roi:
         K[0, 2] -= int(roi.x_offset)
         K[1, 2] -= int(roi.y_offset)
         width, height = int(roi.width), int(roi.height)
@@ -259,19 +420,37 @@ def camera_info_to_camera(msg) -> Camera:
         width, height = width // bx, height // by
     if width <= 0 or height <= 0:
         raise MessageConversionError(f"CameraInfo has an empty image size {width}x{height}")
-    return Camera(K, width, height, D if D.size else None)
+    cam = Camera(K, width, height, D if np.any(D) else None)
+    try:
+        cam.validate()
+    except InvalidInputError as e:
+        hint = (f" (after ROI x_offset={int(roi.x_offset)}, y_offset={int(roi.y_offset)}: an ROI that excludes "
+                "the principal point is not supported)") if use_roi and "principal point" in str(e) else ""
+        raise MessageConversionError(f"CameraInfo: {e}{hint}") from None
+    return cam
 
 
 def camera_to_camera_info(camera: Camera, stamp_ns: int = 0, frame_id: str = ""):
-    """Camera -> sensor_msgs/CameraInfo (plumb_bob, P = [K | 0], R = I)."""
+    """Camera -> sensor_msgs/CameraInfo (P = [K | 0], R = I).
+
+    Distortion: none or 4/5 coefficients -> plumb_bob (5, k3 = 0 when absent), 8 ->
+    rational_polynomial; 12 and 14 have no CameraInfo model and raise MessageConversionError.
+    """
     from sensor_msgs.msg import CameraInfo
 
     msg = CameraInfo()
     msg.header.stamp = ns_to_stamp(stamp_ns)
     msg.header.frame_id = frame_id
     msg.width, msg.height = int(camera.width), int(camera.height)
-    msg.distortion_model = "plumb_bob"
-    d = np.zeros(5) if camera.dist is None else np.asarray(camera.dist, dtype=np.float64)
+    d = np.zeros(5) if camera.dist is None else np.asarray(camera.dist, dtype=np.float64).ravel()
+    if d.size == 4:
+        d = np.append(d, 0.0)
+    if d.size not in (5, 8):
+        raise MessageConversionError(
+            f"a camera with {d.size} distortion coefficients has no CameraInfo model "
+            "(plumb_bob 5, rational_polynomial 8)"
+        )
+    msg.distortion_model = "plumb_bob" if d.size == 5 else "rational_polynomial"
     msg.d = [float(x) for x in d]
     msg.k = [float(x) for x in camera.K.ravel()]
     msg.r = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
@@ -377,9 +556,18 @@ def pose_with_covariance_to_numpy(msg) -> Tuple[np.ndarray, np.ndarray]:
     return pose_msg_to_matrix(msg.pose.pose), np.asarray(msg.pose.covariance, dtype=np.float64).reshape(6, 6)
 
 
-def decode_image(msg, compressed: bool) -> np.ndarray:
-    """Image or CompressedImage -> localizer image ([H, W, 3] uint8 RGB or [H, W] uint8)."""
-    return compressed_msg_to_rgb(msg) if compressed else image_msg_to_rgb(msg)
+def decode_image(msg, compressed: bool, expected_size: Optional[Tuple[int, int]] = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Image or CompressedImage -> localizer image ([H, W, 3] uint8 RGB or [H, W] uint8).
+
+    expected_size: (width, height) pixels the image must have (from its CameraInfo), or
+    None. max_pixels: largest width * height decoded. Both are checked from the message
+    fields (raw) or the PNG/JPEG header (compressed) before any pixel is decoded or
+    copied. Raises MessageConversionError.
+    """
+    if compressed:
+        return compressed_msg_to_rgb(msg, expected_size, max_pixels)
+    return image_msg_to_rgb(msg, expected_size, max_pixels)
 
 
 def camera_for_image(info_msg: Optional[object], image: np.ndarray) -> Camera:
@@ -389,3 +577,19 @@ def camera_for_image(info_msg: Optional[object], image: np.ndarray) -> Camera:
     cam = camera_info_to_camera(info_msg)
     check_image_matches_camera(image, cam)
     return cam
+
+
+def image_and_camera(msg, compressed: bool, info_msg: Optional[object],
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Tuple[np.ndarray, Camera]:
+    """Image/CompressedImage + its CameraInfo -> (localizer image, Camera), in the safe order.
+
+    The CameraInfo is converted first so the image is refused by its stated size (not
+    its decoded pixels) when it differs from the CameraInfo or exceeds ``max_pixels``.
+    Raises MessageConversionError.
+    """
+    if info_msg is None:
+        raise MessageConversionError("no CameraInfo received on 'camera_info'")
+    cam = camera_info_to_camera(info_msg)
+    image = decode_image(msg, compressed, (cam.width, cam.height), max_pixels)
+    check_image_matches_camera(image, cam)
+    return image, cam

@@ -43,6 +43,22 @@ def map_to_odom(T_map_base: np.ndarray, T_odom_base: np.ndarray) -> np.ndarray:
     return np.asarray(T_map_base, dtype=np.float64) @ invert(T_odom_base)
 
 
+def floor_covariance(cov: np.ndarray, min_position_std: float, min_rotation_std: float) -> np.ndarray:
+    """A [6, 6] covariance whose diagonal is at least min_position_std^2 (m^2) per position
+    axis and min_rotation_std^2 (rad^2) per rotation axis.
+
+    Operator hints (RViz '2D Pose Estimate') carry zeros for z, roll and pitch; read
+    literally, they would claim those are known exactly. Non-finite entries become the floor.
+    """
+    c = np.asarray(cov, dtype=np.float64).reshape(6, 6).copy()
+    c[~np.isfinite(c)] = 0.0
+    c = 0.5 * (c + c.T)
+    floor = np.r_[np.full(3, min_position_std ** 2), np.full(3, min_rotation_std ** 2)]
+    d = np.diag(c)
+    add = np.maximum(floor - d, 0.0)
+    return c + np.diag(add)
+
+
 def covariance_is_usable(cov) -> bool:
     """True for a finite, symmetric, positive semi-definite, not-all-zero [6, 6] covariance."""
     if cov is None:

@@ -2,13 +2,19 @@
 
 Subscribes (relative names, so users remap them):
   ``image`` (sensor_msgs/Image) or ``image/compressed`` (CompressedImage), ``camera_info``.
+  ``initialpose_topic`` (operator reset, unless amcl_seeding) and ``hint_topic``
+  (geometry_msgs/PoseWithCovarianceStamped, read in their header frame through TF).
 Publishes:
-  ``~/pose`` geometry_msgs/PoseWithCovarianceStamped: pose of ``base_frame`` (or of the
-  camera when ``base_frame`` is empty) in ``map_frame``, stamped with the image stamp,
-  covariance from the estimator propagated to that frame; nothing when not localized.
-  ``/tf``: map->odom (REP-105, from the estimate and odom->base at the image stamp) or
-  map->base, post-dated by ``transform_tolerance`` and re-broadcast at ``tf_publish_rate``.
-  ``/diagnostics``: OK/WARN/ERROR with the reason and counters.
+  ``~/pose`` geometry_msgs/PoseWithCovarianceStamped: the FUSED pose of ``base_frame`` (or
+  of the camera when ``base_frame`` is empty) in ``map_frame`` at the image stamp, from
+  the tracker state (reloc_ros.tracking: fixes fused through odometry, gated, averaged),
+  with the state's covariance; published for each processed frame while tracking.
+  ``~/pose_raw``: every per-frame fix (OK or DEGENERATE), same frames, its own covariance.
+  ``/tf``: map->odom (REP-105) from the tracker state only, or map->base (no odometry);
+  re-broadcast at ``tf_publish_rate`` stamped now + ``transform_tolerance``, never older
+  than a transform already sent, and not at all before initialisation, while disabled or
+  after a map reload until the new map has initialised the state.
+  ``/diagnostics``: OK/WARN/ERROR with the reason, counters and the tracker's state.
   ``~/markers`` (optional) and ``initialpose_topic`` (AMCL seeding mode).
 Services: ``~/trigger`` (std_srvs/Trigger), ``~/enable`` (std_srvs/SetBool),
 ``~/reload_map`` (std_srvs/Trigger).
@@ -49,13 +55,19 @@ from std_srvs.srv import SetBool, Trigger
 from tf2_msgs.msg import TFMessage
 from visualization_msgs.msg import Marker, MarkerArray
 
-from reloc_ros.ros.conversions import (MessageConversionError, camera_for_image, decode_image,
-                                       matrix_to_transform_stamped, ns_to_stamp, pose_with_covariance_stamped,
+from reloc_ros.ros.conversions import (MessageConversionError, image_and_camera, matrix_to_transform_stamped,
+                                       ns_to_stamp, pose_with_covariance_stamped, pose_with_covariance_to_numpy,
                                        stamp_to_ns)
-from reloc_ros.ros.frames import camera_to_body, covariance_is_usable, map_to_odom
+from reloc_ros.geometry import invert
+from reloc_ros.ros.frames import camera_to_body, covariance_is_usable, floor_covariance
 from reloc_ros.ros.params import NodeParams, declare_params
 from reloc_ros.ros.tf_buffer import TfLookupError, make_tf_lookup
+from reloc_ros.tracking import Fix, PoseTracker, TrackState
 from reloc_ros.types import RelocError, Status
+
+# Once CameraInfo arrives paired with images (same stamp), how long a frame waits for its
+# pair: drivers send both within milliseconds, and a missing pair must not stall the worker.
+_INFO_PAIR_WAIT_S = 0.1
 
 OK, WARN, ERROR = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR
 _LEVEL_NAME = {OK: "OK", WARN: "WARN", ERROR: "ERROR"}
@@ -82,6 +94,11 @@ class _Stats:
     last_keyframes: tuple = ()
     last_confidence: float = float("nan")
     last_status: str = ""
+    unordered_stamps: int = 0  # images whose stamp did not advance (zero / repeated / backwards)
+    info_unpaired: int = 0  # frames whose paired CameraInfo never came (latest used)
+    stale_results: int = 0  # results discarded because the map was reloaded meanwhile
+    hints: int = 0
+    last_retrieval: str = ""
 
 
 def _image_qos(p: NodeParams) -> QoSProfile:
@@ -106,9 +123,14 @@ class RelocNode(Node):
             from reloc_ros.localizer import LocalizerConfig
 
             self._loc_cfg = LocalizerConfig.from_dict(self.p.localizer_config_dict())
+            self._tracker_cfg = self.p.tracker_config()
         except ValueError as e:
             raise ConfigError(str(e)) from None
         p = self.p
+        from reloc_ros.threads import default_threads, limit_threads
+
+        self._num_threads = p.num_threads or default_threads()
+        self._threads = limit_threads(self._num_threads)
         self._compressed = p.image_transport == "compressed"
         self._map_frame = p.map_frame.strip("/")
         self._odom_frame = p.odom_frame.strip("/")
@@ -118,6 +140,7 @@ class RelocNode(Node):
         self._frame_cond = threading.Condition(self._lock)
         self._info_cond = threading.Condition(self._lock)
         self._map_lock = threading.Lock()  # serialises map loads (start-up and ~/reload_map)
+        self._swap_lock = threading.Lock()  # a frame's outputs vs. swapping in a new map
         self._stop = threading.Event()
         self._pending: Optional[Tuple[object, float]] = None
         self._camera_info: Optional[CameraInfo] = None
@@ -128,6 +151,7 @@ class RelocNode(Node):
         self._trigger_pending = False
         self._seed_pending = True
         self._last_accepted_stamp: Optional[int] = None
+        self._last_accepted_mono: Optional[float] = None
         self._last_image_mono: Optional[float] = None
         self._start_mono = time.monotonic()
         self._localizer = None
@@ -136,15 +160,26 @@ class RelocNode(Node):
         self._map_loading = ""  # path of a map being loaded
         self._level, self._message = OK, "starting"
         self._last_diag_key: Optional[Tuple[int, str]] = None
-        self._last_tf: Optional[Tuple[np.ndarray, str, str]] = None
+        self._tf_out: Optional[Tuple[np.ndarray, str, str]] = None  # what the TF timer broadcasts
+        self._tf_sent_ns: Optional[int] = None  # stamp of the newest transform sent
+        self._map_generation = 0  # bumped by every successful map load
+        # The tracker is only touched under _track_lock (worker, hint callbacks, reload).
+        self._track_lock = threading.Lock()
+        self._tracker = PoseTracker(self._tracker_cfg, odometry=p.tf_mode != "map_to_base")
+        self._hint: Optional[Tuple[np.ndarray, np.ndarray, float]] = None  # T_map_body, cov, expiry (mono)
+        self._last_innovation = float("nan")
+        self._last_decision = ""
+        self._fused_std = float("nan")
 
         io_group = ReentrantCallbackGroup()
-        srv_group = MutuallyExclusiveCallbackGroup()  # a map load may take seconds: off the I/O path
+        srv_group = MutuallyExclusiveCallbackGroup()
+        reload_group = MutuallyExclusiveCallbackGroup()  # a map load takes seconds: ~/enable must still answer
         timer_group = MutuallyExclusiveCallbackGroup()
 
         pose_qos = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                               durability=DurabilityPolicy.TRANSIENT_LOCAL)  # latched like amcl_pose
         self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, "~/pose", pose_qos)
+        self._raw_pub = self.create_publisher(PoseWithCovarianceStamped, "~/pose_raw", 10)
         tf_qos = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                             durability=DurabilityPolicy.VOLATILE)  # tf2_ros broadcaster QoS
         self._tf_pub = self.create_publisher(TFMessage, "/tf", tf_qos) if p.tf_mode != "none" else None
@@ -163,20 +198,28 @@ class RelocNode(Node):
             self.create_subscription(Image, self._image_topic, self._on_image, img_qos, callback_group=io_group)
         self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, img_qos, callback_group=io_group)
         self._lookup, self._tf_backend = make_tf_lookup(self, io_group)
+        hint_qos = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                              durability=DurabilityPolicy.VOLATILE)
+        if not p.amcl_seeding and p.initialpose_topic.strip():
+            self.create_subscription(PoseWithCovarianceStamped, p.initialpose_topic,
+                                     lambda m: self._on_hint(m, reset=True), hint_qos, callback_group=io_group)
+        if p.hint_topic.strip():
+            self.create_subscription(PoseWithCovarianceStamped, p.hint_topic,
+                                     lambda m: self._on_hint(m, reset=False), hint_qos, callback_group=io_group)
 
         self.create_service(Trigger, "~/trigger", self._srv_trigger, callback_group=srv_group)
         self.create_service(SetBool, "~/enable", self._srv_enable, callback_group=srv_group)
-        self.create_service(Trigger, "~/reload_map", self._srv_reload, callback_group=srv_group)
+        self.create_service(Trigger, "~/reload_map", self._srv_reload, callback_group=reload_group)
 
         self.create_timer(p.diagnostics_period, self._publish_diagnostics, callback_group=timer_group)
         if self._tf_pub is not None and p.tf_publish_rate > 0:
-            self.create_timer(1.0 / p.tf_publish_rate, self._rebroadcast_tf, callback_group=timer_group)
+            self.create_timer(1.0 / p.tf_publish_rate, self._send_tf, callback_group=timer_group)
 
         self.get_logger().info(
             f"reloc_node: map_path='{p.map_path}', estimator={p.estimator}, top_k={p.top_k}, "
             f"input={self.resolve_topic_name(self._image_topic)} ({p.image_transport}, qos {p.image_qos}), "
             f"tf_mode={p.tf_mode}, processing={p.processing_mode} (max_rate {p.max_rate} Hz), "
-            f"tf backend {self._tf_backend}")
+            f"tf backend {self._tf_backend}, threads {self._threads}")
         self._worker = threading.Thread(target=self._work, name="reloc_worker", daemon=True)
         self._worker.start()
 
@@ -204,20 +247,79 @@ class RelocNode(Node):
             if p.processing_mode == "trigger" and not self._trigger_pending:
                 s.skipped += 1
                 return
+            last = self._last_accepted_stamp
+            if last is not None and stamp <= last and last - stamp < 1e9:
+                s.unordered_stamps += 1  # zero or repeated stamps: throttle on arrival time instead
             if (p.processing_mode == "continuous" and p.max_rate > 0 and not self._trigger_pending
-                    and self._last_accepted_stamp is not None
-                    and 0 <= stamp - self._last_accepted_stamp < 1e9 / p.max_rate):
-                s.skipped += 1  # throttled on stamp time, so a replayed bag throttles the same way
+                    and last is not None and self._throttled(stamp, last, recv)):
+                s.skipped += 1
                 return
             self._trigger_pending = False
             self._last_accepted_stamp = stamp
+            self._last_accepted_mono = recv
             if self._pending is not None:
                 s.dropped += 1
             self._pending = (msg, recv)
             self._frame_cond.notify()
 
+    def _throttled(self, stamp: int, last: int, recv_mono: float) -> bool:
+        """max_rate on stamp time, so a replayed bag throttles the same way; on arrival time
+        when stamps do not advance (zero or repeated stamps must not stall processing); a
+        jump back of more than a second (bag loop, sim restart) starts afresh."""
+        period_ns = 1e9 / self.p.max_rate
+        if stamp > last:
+            return stamp - last < period_ns
+        if last - stamp >= 1e9:
+            return False
+        return (recv_mono - (self._last_accepted_mono or 0.0)) * 1e9 < period_ns
+
+    def _on_hint(self, msg: PoseWithCovarianceStamped, reset: bool) -> None:
+        """A pose hint for the body, in its header frame: transformed to the map through TF."""
+        p = self.p
+        kind = "initial pose" if reset else "hint"
+        frame = (msg.header.frame_id or "").strip("/")
+        stamp = stamp_to_ns(msg.header.stamp)
+        try:
+            T_f_body, cov = pose_with_covariance_to_numpy(msg)
+            if not frame:
+                raise MessageConversionError("header.frame_id is empty: a hint must name its frame")
+            if frame == self._map_frame:
+                T_map_f = np.eye(4)
+            else:
+                T_map_f = self._lookup(self._map_frame, frame, stamp, p.tf_timeout)
+            T_odom_base = None
+            if p.tf_mode != "map_to_base":
+                try:
+                    T_odom_base = self._lookup(self._odom_frame, self._base_frame, stamp, p.tf_timeout)
+                except TfLookupError:
+                    # An operator's click is rough and often stamped "now", past the newest
+                    # odometry: the latest odometry is as good as it gets.
+                    T_odom_base = self._lookup(self._odom_frame, self._base_frame, 0, p.tf_timeout)
+        except (MessageConversionError, TfLookupError) as e:
+            self._set_status(WARN, f"{kind} ignored: {e}")
+            return
+        cov = floor_covariance(cov, p.hint_min_position_std, np.radians(p.hint_min_rotation_std_deg))
+        R = T_map_f[:3, :3]
+        J = np.zeros((6, 6))
+        J[:3, :3] = J[3:, 3:] = R  # the covariance was expressed in the header frame's axes
+        T_map_body, cov_map = T_map_f @ T_f_body, J @ cov @ J.T
+        with self._track_lock:
+            d = self._tracker.add_hint(stamp, T_map_body, cov_map, T_odom_base, reset=reset)
+            if reset:
+                self._hold_tf(None)
+        if d.action == "ignored":
+            self._set_status(WARN, f"{kind} ignored: {d.message}")
+            return
+        with self._lock:
+            self._hint = (T_map_body, cov_map, time.monotonic() + p.hint_timeout)
+            self._stats.hints += 1
+        self._set_status(OK, f"{kind} in '{frame}' accepted: {d.message}")
+
     # ------------------------------------------------------------------ worker
     def _work(self) -> None:
+        from reloc_ros.threads import limit_threads
+
+        limit_threads(self._num_threads)  # FAISS's OpenMP limit is per thread
         self._load_map(self.p.map_path)
         while not self._stop.is_set():
             with self._frame_cond:
@@ -235,20 +337,28 @@ class RelocNode(Node):
 
     def _wait_camera_info(self, stamp: int) -> Optional[CameraInfo]:
         """The CameraInfo for an image: the one with the same stamp when the camera sends them in
-        pairs (as drivers do; waiting up to camera_info_timeout for it, since the two topics
-        arrive in any order), else the latest one."""
-        deadline = time.monotonic() + self.p.camera_info_timeout
+        pairs (as drivers do; the two topics arrive in any order, so a frame waits a little for
+        its pair), else the latest one. Only the very first CameraInfo is waited for up to
+        camera_info_timeout; a pair that does not come within _INFO_PAIR_WAIT_S is given up
+        and the latest is used from then on, so a broken pairing never stalls the worker."""
         with self._info_cond:
+            latest = self._camera_info
+            wait = self.p.camera_info_timeout if latest is None else min(self.p.camera_info_timeout,
+                                                                         _INFO_PAIR_WAIT_S)
+            deadline = time.monotonic() + wait
             while True:
                 info = self._infos.get(stamp)
                 if info is not None:
                     self._info_synced = True
                     return info
                 latest = self._camera_info
-                if latest is not None and (not self._info_synced or stamp_to_ns(latest.header.stamp) > stamp):
+                if latest is not None and (not self._info_synced or stamp_to_ns(latest.header.stamp) >= stamp):
                     return latest
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stop.is_set():
+                    if latest is not None and self._info_synced:
+                        self._info_synced = False
+                        self._stats.info_unpaired += 1
                     return latest
                 self._info_cond.wait(left)
 
@@ -259,45 +369,21 @@ class RelocNode(Node):
         with self._lock:
             self._stats.last_queue_ms = (start - recv_mono) * 1e3
         try:
-            image = decode_image(msg, self._compressed)
-            camera = camera_for_image(self._wait_camera_info(stamp), image)
+            # the CameraInfo first: the image size is checked against it before decoding
+            image, camera = image_and_camera(msg, self._compressed, self._wait_camera_info(stamp),
+                                             p.max_image_pixels)
         except MessageConversionError as e:
             self._frame_failed(f"bad input: {e}")
             return
-        loc = self._localizer
+        with self._lock:
+            loc, generation = self._localizer, self._map_generation
         if loc is None:
             self._frame_failed(f"no map loaded: {self._map_error}", count_failed=False)
             return
-        try:
-            res = loc.localize(image, camera)
-        except RelocError as e:
-            self._frame_failed(f"bad input: {e}", processed=True)
-            return
-        with self._lock:
-            s = self._stats
-            s.last_localize_ms = float(res.timings_ms.get("total", (time.monotonic() - start) * 1e3))
-            s.last_inliers = int(sum(res.inliers)) if res.inliers else 0
-            s.last_keyframes = tuple(int(k) for k in res.keyframe_ids)
-            s.last_confidence = float(res.confidence)
-            s.last_status = res.status.value
-        if res.status == Status.ERROR:
-            self._frame_failed(f"localizer rejected the input: {res.message}", processed=True)
-            return
-        if not res.localized:
-            self._not_localized(f"not localized: {res.message or res.status.value}")
-            return
-        if res.status == Status.DEGENERATE and not p.publish_degenerate:
-            self._not_localized(f"degenerate result not published (publish_degenerate false): {res.message}")
-            return
-        if res.confidence < p.min_confidence:
-            self._not_localized(f"confidence {res.confidence:.2f} below min_confidence {p.min_confidence:.2f}")
-            return
-        if not covariance_is_usable(res.covariance):
-            self._frame_failed("localizer returned an unusable covariance (not finite / not PSD / all zeros)",
-                               processed=True)
-            return
 
         cam_frame = (p.camera_frame or msg.header.frame_id).strip("/")
+        body_frame = self._base_frame or cam_frame
+        T_base_cam = np.eye(4)
         if self._base_frame and self._base_frame != cam_frame:
             if not cam_frame:
                 self._frame_failed("image header has no frame_id and camera_frame is not set", processed=True)
@@ -305,41 +391,148 @@ class RelocNode(Node):
             try:
                 T_base_cam = self._lookup(self._base_frame, cam_frame, stamp, p.tf_timeout)
             except TfLookupError as e:
-                self._not_localized(f"localized but no TF {self._base_frame} <- {cam_frame} at the image stamp: {e}")
+                self._not_localized(f"no TF {self._base_frame} <- {cam_frame} at the image stamp: {e}")
                 return
-            T_map_body, cov = camera_to_body(res.T_world_cam, res.covariance, T_base_cam)
-        else:
-            T_map_body, cov = np.asarray(res.T_world_cam, dtype=np.float64), np.asarray(res.covariance)
-        body_frame = self._base_frame or cam_frame
-
-        tf_note = ""
-        tf_out = None
-        if p.tf_mode == "map_to_odom":
+        T_odom_base, odom_note = None, ""
+        if p.tf_mode != "map_to_base":
             try:
                 T_odom_base = self._lookup(self._odom_frame, self._base_frame, stamp, p.tf_timeout)
-                tf_out = (map_to_odom(T_map_body, T_odom_base), self._map_frame, self._odom_frame)
             except TfLookupError as e:
-                tf_note = f"; map->odom not updated, no TF {self._odom_frame} <- {self._base_frame}: {e}"
-        elif p.tf_mode == "map_to_base":
-            tf_out = (T_map_body, self._map_frame, body_frame)
+                odom_note = f"no TF {self._odom_frame} <- {self._base_frame} at the image stamp: {e}"
 
-        pose_msg = pose_with_covariance_stamped(T_map_body, cov, self._map_frame, stamp)
-        self._pose_pub.publish(pose_msg)
-        if tf_out is not None:
-            self._publish_tf(tf_out, stamp + int(p.transform_tolerance * 1e9))
+        prior = self._prior(stamp, T_odom_base, T_base_cam)
+        try:
+            res = loc.localize(image, camera, prior)
+        except RelocError as e:
+            self._frame_failed(f"bad input: {e}", processed=True)
+            return
+        # A map swap waits for this frame's outputs (milliseconds), so nothing computed on the
+        # old map is published after the new one is in place.
+        with self._swap_lock:
+            with self._lock:
+                stale = generation != self._map_generation
+                s = self._stats
+                s.last_localize_ms = float(res.timings_ms.get("total", (time.monotonic() - start) * 1e3))
+                s.last_inliers = int(sum(res.inliers)) if res.inliers else 0
+                s.last_keyframes = tuple(int(k) for k in res.keyframe_ids)
+                s.last_confidence = float(res.confidence)
+                s.last_status = res.status.value
+                s.last_retrieval = res.retrieval
+                if stale:
+                    s.stale_results += 1
+            if stale:
+                self._not_localized("result discarded: the map was reloaded while this frame was processed")
+                return
+            if res.status == Status.ERROR:
+                self._frame_failed(f"localizer rejected the input: {res.message}", processed=True)
+                return
+            if res.localized and not covariance_is_usable(res.covariance):
+                self._frame_failed("localizer returned an unusable covariance (not finite / not PSD / all zeros)",
+                                   processed=True)
+                return
+
+            raw_note, decision = "", None
+            if res.localized:
+                T_map_body, cov = camera_to_body(res.T_world_cam, res.covariance, T_base_cam)
+                self._raw_pub.publish(pose_with_covariance_stamped(T_map_body, cov, self._map_frame, stamp))
+                if p.tf_mode != "map_to_base" and T_odom_base is None:
+                    raw_note = f"fix not fused: {odom_note}"
+                else:
+                    decision = self._fuse(Fix(stamp, T_map_body, cov, res.status, float(res.confidence)),
+                                          T_odom_base)
+            else:
+                raw_note = f"not localized: {res.message or res.status.value}"
+                with self._track_lock:
+                    self._tracker.check_lost(stamp)
+
+            with self._track_lock:
+                state = self._tracker.state
+                pred = self._tracker.predict(stamp, T_odom_base) if (T_odom_base is not None or
+                                                                     p.tf_mode == "map_to_base") else None
+                T_map_odom = self._tracker.T_map_odom
+            published = state == TrackState.TRACKING and pred is not None
+            if published:
+                T_fused, cov_fused = pred
+                pose_msg = pose_with_covariance_stamped(T_fused, cov_fused, self._map_frame, stamp)
+                self._pose_pub.publish(pose_msg)
+                with self._lock:
+                    self._fused_std = float(np.sqrt(max(np.linalg.eigvalsh(cov_fused[:3, :3]).max(), 0.0)))
+                    seed = self._seed_pub is not None and self._seed_pending
+                    self._seed_pending = False
+                if seed:
+                    self._seed_pub.publish(pose_msg)
+                if self._marker_pub is not None and res.localized:
+                    self._publish_markers(loc, res, stamp)
+            if p.tf_mode == "map_to_odom" and T_map_odom is not None:
+                self._hold_tf((T_map_odom, self._map_frame, self._odom_frame))
+            elif p.tf_mode == "map_to_base" and pred is not None:
+                self._hold_tf((pred[0], self._map_frame, body_frame))
+            latency_ms = (self.get_clock().now().nanoseconds - stamp) * 1e-6
+            with self._lock:
+                self._stats.last_latency_ms = latency_ms
+            if not res.localized:
+                self._set_status(WARN, raw_note, "processed", "not_localized", *(("published",) if published else ()))
+                return
+            level = OK
+            notes = []
+            if res.status == Status.DEGENERATE:
+                level = WARN
+                notes.append(f"degenerate: {res.message}")
+            if raw_note:
+                level = WARN
+                notes.append(raw_note)
+            if decision is not None:
+                notes.append(decision[1])
+                if decision[0] in ("rejected", "reset", "ignored"):
+                    level = WARN
+            if state != TrackState.TRACKING:
+                level = WARN
+                notes.append(f"tracker {state.value}")
+            text = "localized" + ("; " + "; ".join(notes) if notes else "")
+            counters = ("processed", "localized") + (("published",) if published else ())
+            self._set_status(level, text, *counters)
+
+    def _prior(self, stamp: int, T_odom_base: Optional[np.ndarray], T_base_cam: np.ndarray):
+        """A retrieval prior for the camera: an unexpired hint, else the tracker's prediction."""
+        if not self.p.use_prior:
+            return None
+        from reloc_ros.localizer import PosePrior
+
         with self._lock:
-            seed = self._seed_pub is not None and self._seed_pending
-            self._seed_pending = False
-        if seed:
-            self._seed_pub.publish(pose_msg)
-        if self._marker_pub is not None:
-            self._publish_markers(loc, res, T_map_body, stamp)
-        latency_ms = (self.get_clock().now().nanoseconds - stamp) * 1e-6
+            hint = self._hint
+            if hint is not None and time.monotonic() > hint[2]:
+                hint = self._hint = None
+        if hint is not None:
+            T_map_body, cov = hint[0], hint[1]
+        else:
+            with self._track_lock:
+                if self._tracker.state != TrackState.TRACKING:
+                    return None
+                pred = self._tracker.predict(stamp, T_odom_base if self.p.tf_mode != "map_to_base" else None)
+            if pred is None:
+                return None
+            T_map_body, cov = pred
+        T_map_cam, cov_cam = camera_to_body(T_map_body, cov, invert(T_base_cam))
+        return PosePrior(T_map_cam, cov_cam)
+
+    def _fuse(self, fix: Fix, T_odom_base: Optional[np.ndarray]) -> Tuple[str, str]:
+        """Feed the tracker; returns (action, what it did and why) for diagnostics."""
+        with self._track_lock:
+            d = self._tracker.update(fix, T_odom_base)
+        text = {"accepted": f"fix accepted (innovation {d.mahalanobis2:.1f} <= {d.gate:.1f})",
+                "rejected": f"fix rejected: {d.message}",
+                "initialised": f"tracker initialised: {d.message}",
+                "reinitialised": f"tracker re-initialised: {d.message}",
+                "candidate": f"fix kept as initialisation evidence: {d.message}",
+                "ignored": f"fix not fused: {d.message}",
+                "reset": f"tracker reset: {d.message}"}.get(d.action, d.action)
+        if d.action in ("reinitialised", "rejected", "reset"):
+            self.get_logger().warning(text, throttle_duration_sec=1.0)
         with self._lock:
-            self._stats.last_latency_ms = latency_ms
-        level = WARN if (res.status == Status.DEGENERATE or tf_note) else OK
-        text = ("localized" if res.status == Status.OK else f"localized, degenerate: {res.message}") + tf_note
-        self._set_status(level, text, "processed", "localized", "published")
+            self._last_decision = text
+            if np.isfinite(d.mahalanobis2):
+                self._last_innovation = d.mahalanobis2
+        return d.action, text
 
     def _frame_failed(self, reason: str, count_failed: bool = True, processed: bool = False) -> None:
         self.get_logger().warning(reason, throttle_duration_sec=2.0)
@@ -371,11 +564,18 @@ class RelocNode(Node):
             with self._lock:
                 self._map_loading = ""
             if ok:
-                with self._lock:
-                    self._localizer = loc
-                    self._map_path_loaded = path
-                    self._map_error = ""
-                    self._seed_pending = True
+                with self._swap_lock:
+                    with self._lock:
+                        self._localizer = loc
+                        self._map_generation += 1
+                        self._map_path_loaded = path
+                        self._map_error = ""
+                        self._seed_pending = True
+                        self._hint = None
+                    with self._track_lock:
+                        # A new map is a new frame: nothing of the old state may survive it.
+                        self._tracker.reset()
+                        self._hold_tf(None)
                 self.get_logger().info(msg)
                 self._set_status(OK, msg)
             else:
@@ -410,6 +610,7 @@ class RelocNode(Node):
                 self._seed_pending = True
             if not self._enabled:
                 self._pending = None  # a disabled node must not publish a frame taken before
+                self._tf_out = None  # nor keep re-broadcasting a correction nobody maintains
         response.success = True
         response.message = "enabled" if request.data else "disabled"
         self._set_status(OK if request.data else WARN, f"{response.message} by ~/enable")
@@ -421,22 +622,39 @@ class RelocNode(Node):
         return response
 
     # ------------------------------------------------------------------ outputs
-    def _publish_tf(self, tf: Tuple[np.ndarray, str, str], stamp_ns: int) -> None:
-        T, parent, child = tf
-        with self._lock:
-            self._last_tf = tf
-        self._tf_pub.publish(TFMessage(transforms=[matrix_to_transform_stamped(T, parent, child, stamp_ns)]))
-
-    def _rebroadcast_tf(self) -> None:
-        with self._lock:
-            tf = self._last_tf
-        if tf is None:
+    def _hold_tf(self, tf: Optional[Tuple[np.ndarray, str, str]]) -> None:
+        """Set what /tf carries (None: stop broadcasting) and send a changed transform at once."""
+        if self._tf_pub is None:
             return
+        with self._lock:
+            changed = tf is not None and (self._tf_out is None or not np.array_equal(self._tf_out[0], tf[0]))
+            if tf is not None and not self._enabled:
+                return
+            self._tf_out = tf
+        if changed:
+            self._send_tf()
+
+    def _send_tf(self) -> None:
+        """Broadcast the held transform stamped now + transform_tolerance (as AMCL does).
+
+        Never sends a stamp at or before one already sent (tf2 rejects or warns about
+        those), except after the clock jumped back by more than a second (bag loop, sim
+        restart), when the old stamps are meaningless.
+        """
         stamp = self.get_clock().now().nanoseconds + int(self.p.transform_tolerance * 1e9)
+        with self._lock:
+            tf = self._tf_out
+            if tf is None:
+                return
+            last = self._tf_sent_ns
+            if last is not None and stamp <= last:
+                if last - stamp < 1_000_000_000:
+                    return
+            self._tf_sent_ns = stamp
         T, parent, child = tf
         self._tf_pub.publish(TFMessage(transforms=[matrix_to_transform_stamped(T, parent, child, stamp)]))
 
-    def _publish_markers(self, loc, res, T_map_body: np.ndarray, stamp: int) -> None:
+    def _publish_markers(self, loc, res, stamp: int) -> None:
         arr = MarkerArray()
         delete = Marker()
         delete.action = Marker.DELETEALL
@@ -488,6 +706,8 @@ class RelocNode(Node):
 
     def diagnostics_status(self) -> DiagnosticStatus:
         """The current diagnostic status (what /diagnostics carries)."""
+        with self._track_lock:
+            tr = self._tracker.summary()
         with self._lock:
             level, message = self._summary()
             s = self._stats
@@ -515,6 +735,24 @@ class RelocNode(Node):
                 "processing_mode": self.p.processing_mode,
                 "camera_info_received": str(self._camera_info is not None).lower(),
                 "tf_backend": self._tf_backend,
+                "last_retrieval": s.last_retrieval,
+                "image_stamps_not_increasing": str(s.unordered_stamps),
+                "camera_info_unpaired": str(s.info_unpaired),
+                "results_discarded_map_reloaded": str(s.stale_results),
+                "hints_received": str(s.hints),
+                "tracker_state": tr["state"],
+                "fixes_accepted": str(tr["accepted"]),
+                "fixes_rejected": str(tr["rejected"]),
+                "fixes_ignored": str(tr["ignored"]),
+                "initialisations": str(tr["initialisations"]),
+                "reinitialisations": str(tr["reinitialisations"]),
+                "tracker_resets": str(tr["resets"]),
+                "last_innovation": f"{self._last_innovation:.2f}",
+                "innovation_gate": f"{tr['gate']:.2f}",
+                "last_fusion": self._last_decision,
+                "fused_position_std_m": f"{self._fused_std:.3f}",
+                "tf_broadcasting": str(self._tf_out is not None).lower(),
+                "threads": str(self._num_threads),
             }
         st = DiagnosticStatus(level=level, name=f"{self.get_name()}: localization", message=message,
                               hardware_id="reloc_ros")

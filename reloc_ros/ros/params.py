@@ -44,7 +44,15 @@ class NodeParams:
     processing_mode: str = "continuous"
     max_rate: float = 2.0
     min_confidence: float = 0.0
-    publish_degenerate: bool = True
+    fuse_degenerate: bool = False
+    tracker_options: str = "{}"
+    use_prior: bool = True
+    hint_topic: str = "~/localize_near"
+    hint_timeout: float = 10.0
+    hint_min_position_std: float = 0.25
+    hint_min_rotation_std_deg: float = 5.0
+    num_threads: int = 0
+    max_image_pixels: int = 50_000_000
     amcl_seeding: bool = False
     initialpose_topic: str = "/initialpose"
     publish_markers: bool = False
@@ -87,6 +95,16 @@ class NodeParams:
             raise ValueError(f"diagnostics_period must be > 0 s, got {self.diagnostics_period}")
         if not 0.0 <= self.min_confidence <= 1.0:
             raise ValueError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
+        for name in ("hint_timeout", "hint_min_position_std", "hint_min_rotation_std_deg"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads must be >= 0 (0: automatic), got {self.num_threads}")
+        if self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
+        if self.amcl_seeding and self.hint_topic.strip() and self.hint_topic.strip() == self.initialpose_topic.strip():
+            raise ValueError("hint_topic must differ from initialpose_topic when amcl_seeding publishes on it")
         for name in ("map_frame", "odom_frame"):
             if not getattr(self, name).strip("/ "):
                 raise ValueError(f"{name} must not be empty")
@@ -101,6 +119,7 @@ class NodeParams:
             raise ValueError("amcl_seeding needs initialpose_topic")
         self.estimator_options_dict()
         self.localizer_options_dict()
+        self.tracker_config()
 
     def estimator_options_dict(self) -> Dict[str, Any]:
         """``estimator_options`` parsed (YAML/JSON mapping) -> dict; ValueError if not a mapping."""
@@ -113,6 +132,18 @@ class NodeParams:
         if clash:
             raise ValueError(f"localizer_options must not set {sorted(clash)}: they are node parameters")
         return d
+
+    def tracker_config(self):
+        """``tracker_options`` + ``min_confidence`` + ``fuse_degenerate`` -> a validated TrackerConfig."""
+        from reloc_ros.config import from_dict
+        from reloc_ros.tracking import TrackerConfig
+
+        d = _mapping("tracker_options", self.tracker_options)
+        clash = {"min_confidence", "fuse_degenerate"} & set(d)
+        if clash:
+            raise ValueError(f"tracker_options must not set {sorted(clash)}: they are node parameters")
+        d.update(min_confidence=self.min_confidence, fuse_degenerate=self.fuse_degenerate)
+        return from_dict(TrackerConfig, d, "tracker_options")
 
     def localizer_config_dict(self) -> Dict[str, Any]:
         """The mapping handed to ``LocalizerConfig.from_dict``."""
@@ -147,21 +178,44 @@ PARAM_DOCS: Dict[str, str] = {
     "base_frame": "Robot body frame. ~/pose is this frame's pose (camera pose composed with the "
                   "base_frame->camera TF). Empty: ~/pose is the camera's pose and no body TF is needed.",
     "camera_frame": "Camera optical frame; empty uses the image header's frame_id.",
-    "tf_mode": "map_to_odom (REP-105, default), map_to_base (robots without odometry), none.",
+    "tf_mode": "map_to_odom (REP-105, default: from the fused state through odom->base), map_to_base "
+               "(robots without odometry: the fused state runs with a constant-position prior), none.",
     "transform_tolerance": "Seconds the published TF is post-dated, so consumers can use it until the next "
                            "broadcast without extrapolation errors.",
     "tf_publish_rate": "Hz at which the last map->odom (or map->base) is re-broadcast between fixes "
                        "(0: only on fixes).",
     "tf_timeout": "Seconds the worker waits for odom->base and base->camera at the image stamp.",
-    "camera_info_timeout": "Seconds the worker waits for a first CameraInfo before failing a frame.",
+    "camera_info_timeout": "Seconds the worker waits for a first CameraInfo before failing a frame. Once "
+                           "CameraInfo comes paired with images (same stamp), a frame waits at most 0.1 s "
+                           "for its pair, then the latest CameraInfo is used.",
     "processing_mode": "continuous (localize the newest frame, at most max_rate Hz) or trigger (only after "
                        "~/trigger).",
     "max_rate": "Continuous mode: maximum localization rate in Hz of image-stamp time (0: as fast as possible).",
-    "min_confidence": "Results with a lower confidence (0..1) are not published; diagnostics says why.",
-    "publish_degenerate": "Publish DEGENERATE results (a pose whose covariance shows a weak direction).",
+    "min_confidence": "Fixes with a lower confidence (0..1) never enter the fused state (they still go to "
+                      "~/pose_raw).",
+    "fuse_degenerate": "Let DEGENERATE fixes (a pose whose covariance shows a weak direction, or one from a "
+                       "small image patch) enter the fused state. Off: they only go to ~/pose_raw.",
+    "tracker_options": "Options of the temporal fusion (reloc_ros.tracking.TrackerConfig) as a YAML/JSON "
+                       "mapping string, e.g. \"{gate_quantile: 0.999, window: 10, odom_translation_drift: "
+                       "0.02}\".",
+    "use_prior": "While tracking (or given a hint), retrieve keyframes near the predicted pose first, "
+                 "falling back to global retrieval.",
+    "hint_topic": "PoseWithCovarianceStamped hint 'the robot is near here' (pose of base_frame in the header "
+                  "frame, transformed through TF): narrows retrieval for hint_timeout s and counts as one "
+                  "piece of initialisation evidence. Empty: not subscribed.",
+    "hint_timeout": "Seconds a hint keeps narrowing retrieval.",
+    "hint_min_position_std": "Floor (m) of a hint's position std per axis (RViz sends zeros for z).",
+    "hint_min_rotation_std_deg": "Floor (deg) of a hint's rotation std per axis (RViz sends zeros for roll "
+                                 "and pitch).",
+    "num_threads": "Threads for OpenCV, FAISS, BLAS and torch (0: min(4, CPU count), leaving cores to the "
+                   "rest of an onboard stack).",
+    "max_image_pixels": "Largest image (width x height) decoded; larger or decompression-bomb images are "
+                        "refused from their header, before decoding.",
     "amcl_seeding": "Also publish the pose of the first fix after start, ~/enable, ~/reload_map and each "
                     "~/trigger on initialpose_topic to seed AMCL (needs tf_mode none).",
-    "initialpose_topic": "Topic for AMCL seeding.",
+    "initialpose_topic": "With amcl_seeding: where the first fused pose is published to seed AMCL. "
+                         "Without: an operator's pose estimate (RViz '2D Pose Estimate') read on it resets "
+                         "the fused state; the first fix that agrees with it re-initialises.",
     "publish_markers": "Publish visualization_msgs/MarkerArray on ~/markers (used keyframes, estimate).",
     "diagnostics_period": "Seconds between /diagnostics messages (also sent at once when the status changes).",
     "input_timeout": "Seconds without an image after which diagnostics warns of a stalled input (0: never).",

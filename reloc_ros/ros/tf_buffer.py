@@ -9,12 +9,18 @@ Semantics follow tf2 where it matters for a localizer:
   two samples around the requested stamp; no extrapolation, beyond the exact newest or
   oldest sample it is an error (TF extrapolation is the bug users hit most);
 - static transforms (``/tf_static``) hold at every time;
-- stamp 0 means "the latest time every link of the chain has".
+- stamp 0 means "the latest time every link of the chain has";
+- time going backwards (a bag loop, a simulator restart) clears dynamic history, as
+  tf2 does on a backwards clock jump: per link when a sample is older than that link's
+  newest by more than ``jump_back_tolerance_s``, and for every link when the node's ROS
+  clock jumps back (``TfListener``). Without this every new sample would be older than
+  ``newest - cache_time`` and dropped, and every lookup would fail until time caught up.
 Times are integer nanoseconds; transforms are [4, 4] float64 ``T_parent_child``, metres.
 """
 from __future__ import annotations
 
 import bisect
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +31,17 @@ from scipy.spatial.transform import Rotation
 
 from reloc_ros.geometry import invert
 from reloc_ros.types import RelocError
+
+log = logging.getLogger("reloc_ros.ros.tf_buffer")
+
+# A sample this much older than its link's newest means time went backwards. Samples of
+# one link come from one publisher, in stamp order (DDS keeps a writer's order); the only
+# legitimate steps back are forward-dated transforms (AMCL / slam_toolbox stamp map->odom
+# ahead by their transform tolerance) jittering by the publisher's latency, well under
+# a second. A bag loop or a simulator restart steps back by far more (the bag length, to
+# t = 0), and interleaving those samples with the old history would interpolate between
+# two timelines. Jumps below this are absorbed: the new samples become newest within it.
+DEFAULT_JUMP_BACK_TOLERANCE_S = 1.0
 
 
 class TfLookupError(RelocError):
@@ -55,14 +72,36 @@ class TfBuffer:
     """Thread-safe transform store with interpolated lookups.
 
     cache_time_s: how much history (seconds) each dynamic link keeps behind its newest sample.
+    jump_back_tolerance_s: a dynamic sample older than its link's newest by more than this
+    (seconds; capped at ``cache_time_s``, beyond which it would be pruned at once) is time
+    going backwards: the link's history is cleared and the sample stored (logged at
+    warning level, counted in ``jumps_back``). See ``DEFAULT_JUMP_BACK_TOLERANCE_S``.
     """
 
-    def __init__(self, cache_time_s: float = 10.0) -> None:
+    def __init__(self, cache_time_s: float = 10.0,
+                 jump_back_tolerance_s: float = DEFAULT_JUMP_BACK_TOLERANCE_S) -> None:
         if not cache_time_s > 0:
             raise ValueError(f"cache_time_s must be > 0, got {cache_time_s}")
+        if not jump_back_tolerance_s > 0:
+            raise ValueError(f"jump_back_tolerance_s must be > 0, got {jump_back_tolerance_s}")
         self._cache_ns = int(cache_time_s * 1e9)
+        self.jump_back_tolerance_s = float(min(jump_back_tolerance_s, cache_time_s))
+        self._jump_ns = int(self.jump_back_tolerance_s * 1e9)
+        self.jumps_back = 0  # links whose history a backwards step in time cleared
         self._links: Dict[str, _Link] = {}
         self._cond = threading.Condition()
+
+    def clear(self) -> None:
+        """Drop the history of every dynamic link (tf2's ``clear``); static links stay.
+
+        The links keep their parents, so a lookup before new data says "no data" for the
+        link rather than "frame does not exist".
+        """
+        with self._cond:
+            for link in self._links.values():
+                if not link.static:
+                    link.stamps, link.trans, link.quats = [], [], []
+            self._cond.notify_all()
 
     # ------------------------------------------------------------------ writing
     def set_transform(self, parent: str, child: str, stamp_ns: int, T_parent_child: np.ndarray,
@@ -83,6 +122,12 @@ class TfBuffer:
             if static:
                 link.stamps, link.trans, link.quats = [0], [T[:3, 3].copy()], [q]
             else:
+                if link.stamps and stamp_ns < link.stamps[-1] - self._jump_ns:
+                    log.warning("TF %s -> %s went back in time from %.3f s to %.3f s (bag loop or simulator "
+                                "restart?): clearing its history", parent, child, link.stamps[-1] * 1e-9,
+                                stamp_ns * 1e-9)
+                    link.stamps, link.trans, link.quats = [], [], []
+                    self.jumps_back += 1
                 i = bisect.bisect_left(link.stamps, stamp_ns)
                 if i < len(link.stamps) and link.stamps[i] == stamp_ns:
                     link.trans[i], link.quats[i] = T[:3, 3].copy(), q
@@ -203,13 +248,22 @@ class TfBuffer:
 
 
 class TfListener:
-    """Feeds a TfBuffer from ``/tf`` and ``/tf_static`` on an rclpy node (tf2_ros QoS)."""
+    """Feeds a TfBuffer from ``/tf`` and ``/tf_static`` on an rclpy node (tf2_ros QoS).
+
+    Also clears the buffer's dynamic history when the node's ROS clock jumps backwards by
+    more than the buffer's ``jump_back_tolerance_s`` or switches between system and ROS
+    (sim) time, as tf2_ros's Buffer does: a jump callback on ``node.get_clock()``
+    (counted in ``clock_jumps``). ``close()`` unregisters it.
+    """
 
     def __init__(self, node, buffer: TfBuffer, callback_group=None) -> None:
+        from rclpy.clock import JumpThreshold
+        from rclpy.duration import Duration
         from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
         from tf2_msgs.msg import TFMessage
 
         self.buffer = buffer
+        self.clock_jumps = 0
         dyn = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.VOLATILE)
         stat = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
@@ -221,6 +275,24 @@ class TfListener:
             node.create_subscription(TFMessage, "/tf_static", lambda m: self._on(m, True), stat,
                                      callback_group=callback_group),
         ]
+        threshold = JumpThreshold(min_forward=None,
+                                  min_backward=Duration(nanoseconds=-int(buffer.jump_back_tolerance_s * 1e9)),
+                                  on_clock_change=True)
+        # The handle must stay referenced: the callback is unregistered when it is collected.
+        self._jump_handle = node.get_clock().create_jump_callback(threshold, post_callback=self._on_time_jump)
+
+    def _on_time_jump(self, jump) -> None:
+        """Clock jump callback (runs where the clock is set, e.g. the /clock subscription)."""
+        self.clock_jumps += 1
+        self._log.warning(f"ROS time jumped by {jump.delta.nanoseconds * 1e-9:+.3f} s ({jump.clock_change}): "
+                          "clearing the TF buffer")
+        self.buffer.clear()
+
+    def close(self) -> None:
+        """Unregister the clock jump callback (the subscriptions go with the node)."""
+        if self._jump_handle is not None:
+            self._jump_handle.unregister()
+            self._jump_handle = None
 
     def _on(self, msg, static: bool) -> None:
         for tf in msg.transforms:
@@ -228,8 +300,8 @@ class TfListener:
                 self.buffer.set_transform_msg(tf, static=static)
             except (ValueError, RelocError) as e:
                 # One bad transform from another node must not poison the buffer or kill us.
-                self._log.warn(f"ignoring transform {tf.header.frame_id} -> {tf.child_frame_id}: {e}",
-                               throttle_duration_sec=5.0)
+                self._log.warning(f"ignoring transform {tf.header.frame_id} -> {tf.child_frame_id}: {e}",
+                                  throttle_duration_sec=5.0)
 
 
 LookupFn = Callable[[str, str, int, float], np.ndarray]
