@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared
 
-.PHONY: setup demo test bench bench-covariance bench-node bench-models clean
+.PHONY: setup demo test bench bench-covariance bench-sequence bench-node bench-models clean
 
 setup:
 	bash scripts/setup_env.sh $(VENV)
@@ -21,7 +21,6 @@ bench-covariance: setup
 	$(PY) bench/bench_covariance.py --shared $(SHARED)
 
 # make bench-sequence [MODE=core|node] [RUNS=7scenes,7scenes+foreign40,kitti,room+foreign30]
-.PHONY: bench-sequence
 bench-sequence: setup
 	$(PY) bench/bench_sequence.py --shared $(SHARED) --mode $(or $(MODE),core) $(if $(RUNS),--runs $(RUNS))
 
