@@ -376,14 +376,17 @@ class PoseTracker:
 
         The hint never sets the state by itself: with ``reset`` the state is dropped and
         the hint waits as one piece of initialisation evidence, so the first fix that
-        agrees with it (within both covariances) initialises. Returns 'candidate' or
-        'ignored' (unusable pose or covariance).
+        agrees with it (within both covariances) initialises; without ``reset`` it is
+        evidence only while not tracking. Returns 'candidate' or 'ignored' (unusable
+        pose or covariance).
         """
         why = _usable(T_map_base, covariance)
         if why:
             return Decision("ignored", message=f"hint ignored: {why}")
         if reset:
             self.reset()
+        elif self.state == TrackState.TRACKING:
+            return Decision("candidate", message="tracking: the hint only narrows retrieval (reset to re-initialise)")
         obs = self._odom_obs(stamp_ns, T_odom_base, advance=False)
         obs.M = np.asarray(T_map_base, dtype=np.float64) @ invert(obs.T_odom_base)
         J = _lever(obs.M, obs.T_odom_base)

@@ -364,6 +364,11 @@ def test_fused_pose_stream_gates_wrong_fixes_and_tf_never_goes_back(room, tmp_pa
         d = outs[-1].diagnostics
         assert d.count("reinitialisations") == 1, d
         assert np.linalg.norm(outs[-1].T_map_odom[:3, 3] - true_map_to_odom(205)[:3, 3]) < 0.05
+        # A hint in base_link is read through TF (map->odom o odom->base_link), not as a map pose.
+        hint_pub.publish(pose_with_covariance_stamped(np.eye(4), np.diag([0.3 ** 2] * 6), "base_link",
+                                                      outs[-1].stamp_ns))
+        d = rp.wait_diag(lambda d: d.count("hints_received") == 1, 10.0)
+        assert d is not None and "'base_link' accepted" in d.message, rp.diag
         # map->odom stamps only ever increase (re-broadcasts included).
         assert len(tf_log) > 10 and all(b > a for a, b in zip(tf_log, tf_log[1:]))
         # Disabled: the old correction is not re-broadcast.
@@ -390,7 +395,7 @@ def test_fused_pose_stream_gates_wrong_fixes_and_tf_never_goes_back(room, tmp_pa
         t_hint = rp.now_ns()
         rp.publish_odom(invert(true_map_to_odom(300)) @ T_map_base0, t_hint)
         hint_pub.publish(pose_with_covariance_stamped(T_map_base0, cov, "map", t_hint))
-        assert rp.wait_diag(lambda d: d.count("hints_received") == 1, 10.0) is not None
+        assert rp.wait_diag(lambda d: d.count("hints_received") == 2, 10.0) is not None
         out = frame(0, odom_index=300)
         assert out.T_map_base is not None and "hint" in out.diagnostics.values["last_fusion"], out.diagnostics
         assert out.diagnostics.values["last_retrieval"] == "prior"
