@@ -44,8 +44,8 @@ from __future__ import annotations
 import enum
 import math
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Deque, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Deque, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -480,7 +480,7 @@ class PoseTracker:
             was = self.state
             self._start(fixes)
             hints = len(agreeing) - (len(fixes) - 1)
-            what = f"{len(fixes)} agreeing fixes" + (f" and a hint" if hints else "")
+            what = f"{len(fixes)} agreeing fixes" + (" and a hint" if hints else "")
             return Decision("initialised", message=f"initialised from {what}" +
                             (" (was lost)" if was == TrackState.LOST else ""))
         return Decision("candidate", message=f"waiting for {cfg.init_min_fixes} agreeing fixes "

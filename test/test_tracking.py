@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from reloc_ros.geometry import invert, make_T, so3_exp
+from reloc_ros.geometry import make_T, so3_exp
 from reloc_ros.sequence import OdometryDrift, drifting_odometry
 from reloc_ros.tracking import Fix, PoseTracker, TrackerConfig, TrackState, pose_difference, pose_plus
 from reloc_ros.types import Status
