@@ -127,8 +127,11 @@ def test_7scenes_node_publishes_consistent_pose_tf_and_covariance(kitchen_run):
     assert final.count("poses_published") >= len(published)
     assert final.count("frames_failed") == 0 and final.count("frames_dropped") <= run["resends"]
     assert final.values["tracker_state"] == "tracking"
-    assert final.count("fixes_accepted") + final.count("fixes_rejected") + final.count("fixes_ignored") \
-        == sum(o.T_map_base_raw is not None for _, o in run["rows"])
+    # Every fix the tracker decided on was also published raw (a raw fix is not fused when
+    # odom->base_link is missing at its stamp, so this is <=, not ==).
+    raw = sum(o.T_map_base_raw is not None for _, o in run["rows"])
+    decided = final.count("fixes_accepted") + final.count("fixes_rejected") + final.count("fixes_ignored")
+    assert 0 < final.count("fixes_accepted") <= decided <= raw
     # Not-localized frames say why.
     for fr, o in run["rows"]:
         if o.T_map_base_raw is None:
