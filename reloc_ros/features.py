@@ -95,7 +95,15 @@ class SiftExtractor:
         self.config = config or FeatureConfig()
         # nfeatures=0: keep all, then select by response, so the N strongest survive
         # across octaves rather than OpenCV's per-call truncation.
-        self._sift = cv2.SIFT_create(nfeatures=0, contrastThreshold=self.config.contrast_threshold)
+        # enable_precise_upscale: OpenCV's default first octave upsamples the image by
+        # bilinear resize (pixel x of the input sits at 2x + 0.5 there) but divides the
+        # coordinates by 2, so every keypoint is 0.25 px (of the extraction image) right of
+        # and below where it is; measured by flipping an image (a keypoint at x must come
+        # back at W-1-x), in input-image pixels: +0.250 at scale 1, +0.333 at 0.75, +0.5 at
+        # 0.5 (test_features.py). Precise upscaling (OpenCV >= 4.8) maps x to 2x exactly
+        # (0.000 px) at the same cost. Maps store these keypoints: maps.MAP_FORMAT_VERSION 2.
+        self._sift = cv2.SIFT_create(nfeatures=0, contrastThreshold=self.config.contrast_threshold,
+                                     enable_precise_upscale=True)
 
     def __call__(self, image: np.ndarray) -> Features:
         """Extract from [H, W(, C)] uint8; keypoints in the input image's pixel frame."""

@@ -39,9 +39,11 @@ class LocalizerConfig:
     averaging: options of the robust averaging (reloc_ros.averaging.AveragingConfig).
     features: query feature options; None = the map's build options (recommended).
     query_image_scale: query images are extracted at this fraction of the size the
-        map's images were (after the ``max_image_size`` cap). SIFT doubles the image for its
-        first octave, so extraction cost grows with pixels: 0.75 cut the query's SIFT
-        time from 82 to 53 ms on 640x480 for a 0.1 mm loss on exact synthetic data.
+        map's images were (after the ``max_image_size`` cap). 1.0 (the map's scale): it
+        halved the error on the rendered room and cut it by a fifth to a quarter on KITTI
+        and Strecha against 0.75 (bench/bench_core.py); 0.75 costs about 30 % less
+        per query on 640x480 (SIFT doubles the image for its first octave, so extraction
+        cost grows with pixels) where latency matters more than millimetres.
     max_position_std_m: a pose whose largest position standard deviation exceeds this
         is reported DEGENERATE (published only if confidence allows).
     ill_conditioned_rotation_std_deg: when the estimator distrusts its own absolute pose
@@ -67,7 +69,7 @@ class LocalizerConfig:
     fusion: Literal["robust", "reloc3r"] = "robust"
     averaging: Dict[str, Any] = field(default_factory=dict)
     features: Optional[FeatureConfig] = None
-    query_image_scale: float = 0.75
+    query_image_scale: float = 1.0
     max_position_std_m: float = 0.5
     ill_conditioned_rotation_std_deg: float = 10.0
     prior_sigma: float = 3.0

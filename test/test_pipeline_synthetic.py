@@ -47,7 +47,10 @@ def test_pnp_localizes_to_millimetres_with_calibrated_covariance(scene, rgb_map,
     loc = Localizer(kmap)
     recs = [make_record(f.name, f.T_world_cam, loc.localize(f.image, f.camera)) for f in scene[1]]
     assert all(r.status == Status.OK.value for r in recs)
-    assert max(r.translation_error_m for r in recs) < 0.005
+    # 0.19-0.24 mm median, <= 0.46 mm max; with OpenCV SIFT's default +0.25 px keypoint
+    # offset (test_features.py) it was 0.72-0.76 mm median, 1.04-1.14 mm max
+    assert max(r.translation_error_m for r in recs) < 0.001
+    assert np.median([r.translation_error_m for r in recs]) < 0.0004
     assert max(r.rotation_error_deg for r in recs) < 0.1
     # covariance neither absurdly over- nor under-confident (NEES ~3 when calibrated)
     assert 0.05 < np.median([r.nees_position for r in recs]) < 10

@@ -353,6 +353,12 @@ class GeometricEstimator(Estimator):
         # The decomposition behind the last PnP covariance (diagnostics; what
         # bench/bench_covariance.py --fit refits the constants from). None before the first.
         self.last_pnp_covariance: Optional[PnPCovariance] = None
+        # Per-stage counts of the last ``estimate`` call (diagnostics for
+        # ``bench/bench_core.py --stages``; references to arrays already computed, no copies):
+        # query_features, matches_per_kf {kf: 2D-3D matches}, pnp_matches, pnp_inliers,
+        # inliers_per_kf {kf: n}, and the inliers' query pixels 'inlier_x' [n, 2] (undistorted)
+        # and world points 'inlier_X' [n, 3].
+        self.last_stats: Dict[str, object] = {}
 
     def estimate(self, query: Query, keyframe_ids: Sequence[int], kmap) -> EstimatorOutput:
         cfg = self.config
@@ -361,6 +367,7 @@ class GeometricEstimator(Estimator):
         q_kp = undistort_keypoints(feats.keypoints, query.camera)
         q_root = root_sift(feats.descriptors)
         out = EstimatorOutput(timings_ms=timings)
+        self.last_stats = stats = {"query_features": len(q_kp)}
         if cfg.mode in ("auto", "pnp"):
             # 2D-3D matching only against keypoints that have a 3D point: fewer
             # candidates, so it is cheaper and the ratio test is not diluted.
@@ -370,6 +377,7 @@ class GeometricEstimator(Estimator):
                 m = match_descriptors(q_root, kmap.root_descriptors(k, with_points_only=True), cfg.ratio, cfg.mutual)
                 matches3d[k] = np.stack([m[:, 0], kmap.point_index(k)[m[:, 1]]], axis=1)
             timings["matching"] = (time.perf_counter() - t0) * 1e3
+            stats["matches_per_kf"] = {k: len(m) for k, m in matches3d.items()}
             t1 = time.perf_counter()
             out.absolute, out.message, best_kfs = self._pnp(q_kp, query.camera, matches3d, kmap)
             timings["pnp"] = (time.perf_counter() - t1) * 1e3
@@ -417,6 +425,9 @@ class GeometricEstimator(Estimator):
             x, X, _cam_dict(camera), cfg.ransac(max_reproj_error=cfg.pnp_max_reproj_px), {"loss_scale": 1.0})
         inl = np.asarray(info["inliers"], bool)
         ni = int(inl.sum())
+        kf_in, n_in = np.unique(kf_of[inl], return_counts=True)
+        self.last_stats.update(pnp_matches=n, pnp_inliers=ni, inlier_x=x[inl], inlier_X=X[inl],
+                               inliers_per_kf=dict(zip(kf_in.tolist(), n_in.tolist())))
         if ni < cfg.pnp_min_inliers:
             return None, f"PnP found {ni} inliers of {n} matches (need {cfg.pnp_min_inliers})", []
         T_cam_world = make_T(pose.R, pose.t)
