@@ -21,6 +21,7 @@ Prints a table; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -29,7 +30,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,9 +44,11 @@ IMG_HW = {224: (224, 224), 512: (384, 512)}
 
 
 class PeakRSS:
-    """Peak resident set size (bytes) of this process while the block runs."""
+    """Peak resident set size (bytes) of this process while the block runs (psutil)."""
 
     def __init__(self, interval: float = 0.002) -> None:
+        import psutil  # imported here: bench/gpu_check.py uses this module without psutil
+
         self.proc = psutil.Process()
         self.interval = interval
         self.peak = 0
@@ -75,21 +77,66 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(fn, repeats: int, device: str):
-    """(median ms, min ms, peak RSS MB, RSS growth MB, peak CUDA MB or nan) over repeats (+1 warm-up)."""
-    fn()
+def measure(fn, repeats: int, device: str, warmup: int = 1, rss: bool = True):
+    """(median ms, min ms, peak RSS MB, RSS growth MB, peak CUDA MB or nan) over repeats
+    after ``warmup`` untimed calls. Each timed call ends with a CUDA synchronisation on a
+    CUDA device. rss=False skips the RSS sampling thread (its 2 ms wake-ups would
+    perturb GPU timings; the RSS columns are then nan). The CUDA peak
+    (torch.cuda.max_memory_allocated) covers the timed calls only."""
+    for _ in range(max(int(warmup), 0)):
+        fn()
     _sync(device)
     times = []
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as mem:
+    with (PeakRSS() if rss else contextlib.nullcontext()) as mem:
         for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
             _sync(device)
             times.append((time.perf_counter() - t0) * 1e3)
     cuda = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else float("nan")
-    return statistics.median(times), min(times), mem.peak / 2**20, (mem.peak - mem.start) / 2**20, cuda
+    peak, grow = (mem.peak / 2**20, (mem.peak - mem.start) / 2**20) if rss else (float("nan"), float("nan"))
+    return statistics.median(times), min(times), peak, grow, cuda
+
+
+def cached_localization(runner: Reloc3rRunner, kf_tokens: torch.Tensor, q_img: torch.Tensor, grid, K: int):
+    """One localization from cached keyframe tokens (the ``reloc3r`` estimator's path), as a
+    callable returning the K query poses T_kf_query [K, 4, 4] (float64, CPU).
+
+    kf_tokens: [>= K, N, C] keyframe encoder tokens as the map cache keeps them (fp16; on
+    the CPU or already on the runner's device); q_img: [1, 3, H, W] in [-1, 1]; grid: the
+    (h, w) patch grid of both. Per call: encode the query, decoder + head on the K
+    (keyframe, query) pairs in one batch, SVD on the host.
+    """
+
+    def fn():
+        fq = runner.encode(q_img)
+        t, r = runner.pairs(kf_tokens[:K].float(), grid, fq, grid)
+        return raw_to_pose(t.double(), r.double())
+
+    return fn
+
+
+def reencode_localization(runner: Reloc3rRunner, kf_imgs: torch.Tensor, q_img: torch.Tensor, K: int, full=None):
+    """The authors' way as a callable: the whole network on K (keyframe, query) pairs,
+    both images of every pair encoded again (one batch). Returns pose2 [K, 4, 4].
+
+    kf_imgs: [>= K, 3, H, W], q_img: [1, 3, H, W] in [-1, 1]. torch backend: runs
+    ``runner.net``; onnxruntime: ``full`` is an OnnxRunner of the exported 'full' graph.
+    """
+
+    def fn():
+        a, b = kf_imgs[:K], q_img.expand(K, -1, -1, -1)
+        if runner.backend == "torch":
+            with torch.inference_mode():
+                dt = runner.dtype
+                _, p2 = runner.net({"img": a.to(runner.device, dt)}, {"img": b.to(runner.device, dt)})
+                return p2["pose"]
+        out = full.run({"img1": a.cpu().numpy(), "img2": b.contiguous().cpu().numpy()})
+        return raw_to_pose(torch.from_numpy(out["t2"]).double(), torch.from_numpy(out["rot9_2"]).double())
+
+    return fn
 
 
 def bench_size(name, arch, ks, backends, args, rows):
@@ -129,24 +176,9 @@ def bench_backend(name, net, backend, work, grid, kf_imgs, q_img, ks, args, rows
                           threads=args.threads)
         print(f"[{name}] onnx export + session of the full graph: {time.perf_counter() - t0:.1f} s", flush=True)
     for K in ks:
-        def cached():
-            fq = runner.encode(q_img)
-            t, r = runner.pairs(kf_tokens[:K].float(), grid, fq, grid)
-            return raw_to_pose(t.double(), r.double())
-
-        def reencode():
-            a, b = kf_imgs[:K], q_img.expand(K, -1, -1, -1)
-            if backend == "torch":
-                with torch.inference_mode():
-                    dt = runner.dtype
-                    _, p2 = runner.net({"img": a.to(args.device, dt)}, {"img": b.to(args.device, dt)})
-                    return p2["pose"]
-            out = full.run({"img1": a.numpy(), "img2": b.contiguous().numpy()})
-            return raw_to_pose(torch.from_numpy(out["t2"]).double(), torch.from_numpy(out["rot9_2"]).double())
-
-        modes = [("cached", cached)]
+        modes = [("cached", cached_localization(runner, kf_tokens, q_img, grid, K))]
         if backend in ("torch", "onnxruntime") and not args.no_reencode:
-            modes.append(("reencode", reencode))
+            modes.append(("reencode", reencode_localization(runner, kf_imgs, q_img, K, full)))
         for mode, fn in modes:
             reps = args.repeats if name == "small" else args.full_repeats
             med, mn, peak, grow, cuda = measure(fn, reps, args.device)
