@@ -53,7 +53,9 @@ def drifting_odometry(T_map_base: np.ndarray, drift: Optional[OdometryDrift] = N
         dist = float(np.linalg.norm(inc[:3, 3]))
         t_err = t_bias * dist
         yaw_err = yaw_bias * dist
-        noisy = make_T(so3_exp([0.0, 0.0, yaw_err]) @ inc[:3, :3], inc[:3, 3] + t_err)
+        # An odometry integrated at a high rate turns each step's translation by half the
+        # step's heading error (the chord of a constant-rate turn), not by none of it.
+        noisy = make_T(so3_exp([0.0, 0.0, yaw_err]) @ inc[:3, :3], so3_exp([0.0, 0.0, 0.5 * yaw_err]) @ inc[:3, 3] + t_err)
         out[i] = out[i - 1] @ noisy
         if dist > 0:
             step = d.wander * np.sqrt(dist)

@@ -177,3 +177,61 @@ def test_adaptive_scale_learns_optimistic_fix_covariances_and_stays_one_for_hone
     assert optimistic.stats.rejected < 0.05 * len(T) < rejected_fixed.stats.rejected
     pred = optimistic.predict(int(stamps[-1]), odom[-1])
     assert _err(pred[0], T[-1]) < 0.15
+
+
+def _odometry_with_bias(T, scale_error, yaw_deg_per_m):
+    """Odometry of body path T [N, 4, 4] with a constant scale error and yaw rate per metre."""
+    out = [np.eye(4)]
+    for a, b in zip(T[:-1], T[1:]):
+        inc = np.linalg.inv(a) @ b
+        d = float(np.linalg.norm(inc[:3, 3]))
+        yaw = math.radians(yaw_deg_per_m) * d
+        out.append(out[-1] @ make_T(so3_exp([0, 0, yaw]) @ inc[:3, :3],
+                                    (1 + scale_error) * (so3_exp([0, 0, yaw / 2]) @ inc[:3, 3])))
+    return np.stack(out)
+
+
+def test_odometry_bias_is_estimated_and_corrects_map_to_odom_between_fixes():
+    # A car-like path: 1.2 m between frames, a fix every 3rd frame used 2 frames late,
+    # as a slow localizer does on a vehicle.
+    T, stamps = _loop(120, rate=10.0, speed=12.0)
+    odom = _odometry_with_bias(T, 0.03, 1.0)
+    cov = np.diag([0.01 ** 2] * 3 + [math.radians(0.05) ** 2] * 3)
+    errs = {}
+    for bias in (True, False):
+        rng = np.random.default_rng(4)
+        tr = PoseTracker(TrackerConfig(odom_bias=bias))
+        e = []
+        for i in range(len(T)):
+            if i % 3 == 0:
+                z = pose_plus(T[i], rng.normal(0, 1, 6) * np.sqrt(np.diag(cov)))
+                assert tr.update(Fix(int(stamps[i]), z, cov), odom[i]).action != "rejected"
+            if i >= 30 and i % 3 == 2:  # two frames after the last fix
+                e.append(_err(tr.T_map_odom_at(int(stamps[i]), odom[i]) @ odom[i], T[i]))
+        errs[bias] = float(np.median(e))
+        if bias:
+            # the scale error is along the direction of travel (body x on this path); the
+            # truth is within 3 sigma of the estimate, and the estimate is not the prior's 0
+            std = np.sqrt(np.diag(tr._Pb))
+            true = np.r_[0.03, 0, 0, 0, 0, math.radians(1.0)]
+            assert np.all(np.abs(tr.bias - true) < 3 * std), (tr.bias, std)
+            assert tr.bias[0] > 0.015 and math.degrees(tr.bias[5]) > 0.5, tr.bias
+        else:
+            np.testing.assert_array_equal(tr.bias, 0.0)
+            np.testing.assert_allclose(tr.T_map_odom_at(int(stamps[-1]), odom[-1]), tr.T_map_odom)
+    assert errs[True] < 0.3 * errs[False], errs
+    assert errs[True] < 0.03, errs
+
+
+def test_odometry_bias_stays_near_zero_for_unbiased_odometry_and_a_standing_robot():
+    T, stamps = _loop(150)
+    rng = np.random.default_rng(5)
+    tr = PoseTracker(TrackerConfig(odom_bias=True))
+    for i in range(len(T)):
+        tr.update(Fix(int(stamps[i]), _noisy(T[i], rng), COV), T[i])  # exact odometry, noisy fixes
+    # consistent with zero given its own covariance (chi-square, 6 dof, 0.999)
+    assert tr.bias @ np.linalg.solve(tr._Pb, tr.bias) < 22.5, (tr.bias, np.sqrt(np.diag(tr._Pb)))
+    standing = PoseTracker(TrackerConfig(odom_bias=True))
+    for i in range(40):
+        standing.update(Fix(int(stamps[i]), _noisy(T[0], rng), COV), np.eye(4))
+    np.testing.assert_allclose(standing.bias, 0.0, atol=1e-9)  # no travel: nothing to learn from
