@@ -3,13 +3,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared
 
-.PHONY: setup demo test bench bench-covariance bench-sequence bench-node bench-models clean
+.PHONY: setup demo demo-rig test bench bench-covariance bench-sequence bench-node bench-models bench-rig bench-scale gpu-check clean
 
 setup:
 	bash scripts/setup_env.sh $(VENV)
 
 demo: setup
 	$(PY) -m reloc_ros.demo.run
+
+# the node with a 4-camera rig (one camera without a TF mount) on the rendered room, over DDS
+demo-rig: setup
+	$(PY) -m reloc_ros.demo.run --rig
 
 test: setup
 	$(PY) -m pytest -q test
@@ -23,6 +27,16 @@ bench-covariance: setup
 # make bench-sequence [MODE=core|node] [RUNS=7scenes,7scenes+foreign40,kitti,room+foreign30]
 bench-sequence: setup
 	$(PY) bench/bench_sequence.py --shared $(SHARED) --mode $(or $(MODE),core) $(if $(RUNS),--runs $(RUNS))
+
+bench-rig: setup
+	$(PY) bench/bench_rig.py
+
+bench-scale: setup
+	$(PY) bench/bench_scale.py --shared $(SHARED)
+
+# on a machine with an NVIDIA GPU (no package installs needed); DRY=1 runs the CPU dry mode
+gpu-check:
+	bash bench/gpu_check.sh $(if $(DRY),--dry-run)
 
 bench-node: setup
 	$(PY) bench/bench_node.py

@@ -13,6 +13,10 @@ setup(
         ("share/" + package_name, ["package.xml"]),
         ("share/" + package_name + "/launch", glob("launch/*.launch.py")),
         ("share/" + package_name + "/config", glob("config/*")),
+        # `ros2 run` and launch_ros Node(package=, executable=) run <prefix>/lib/<pkg>/<exe>.
+        # colcon puts the console scripts there (setup.cfg); pip only puts them in bin/, so the
+        # executables also ship as data files (shell wrappers, mode 755; same entry points).
+        ("lib/" + package_name, ["scripts/reloc_node", "scripts/reloc_lifecycle_node"]),
     ],
     install_requires=["setuptools"],
     zip_safe=True,
@@ -28,7 +32,9 @@ setup(
             "reloc-eval = reloc_ros.cli.eval_cli:main",
             "reloc-model = reloc_ros.cli.model_cli:main",
             "reloc_node = reloc_ros.ros.node:main",
+            "reloc_lifecycle_node = reloc_ros.ros.lifecycle_node:main",
             "reloc-demo = reloc_ros.demo.run:main",
+            "reloc-replay = reloc_ros.ros.bag_replay:main",
         ],
     },
 )

@@ -4,7 +4,10 @@ Layout of a map directory (format version ``MAP_FORMAT_VERSION``)::
 
     manifest.json      format version, build parameters, per-file sha256, counts
     keyframes.npz      names [N] str, T_world_cam [N,4,4], K [N,3,3] (of the stored
-                       images), sizes [N,2] (w,h), source_K [N,3,3], source_sizes [N,2]
+                       images), sizes [N,2] (w,h), source_K [N,3,3], source_sizes [N,2];
+                       maps built from rig frames (reloc_ros.rig.RigFrame) add
+                       camera_ids [N] str (rig camera of each keyframe, '' if unknown)
+                       and T_world_base [N,4,4] (body pose of its capture, NaN if unknown)
     features.npz       keypoints [M,2] float32 (stored-image pixels), descriptors [M,128]
                        uint8 SIFT, offsets [N+1], points3d [M,3] float32 world metres
                        (NaN where unknown), point_source [M] uint8 (0 none, 1 depth, 2 triangulated)
@@ -68,7 +71,10 @@ from reloc_ros.types import Camera, InvalidInputError, PosedFrame, RelocError
 
 log = logging.getLogger("reloc_ros.maps")
 
-MAP_FORMAT_VERSION = 1
+# 2: keypoints without OpenCV SIFT's +0.25 px upscaling offset (features.SiftExtractor);
+# a version-1 map's keypoints and depth/triangulated points carry it, and queries no longer
+# do, so version-1 maps are refused with "rebuild it".
+MAP_FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 POINT_NONE, POINT_DEPTH, POINT_TRIANGULATED = 0, 1, 2
@@ -218,6 +224,10 @@ def _check_arrays(path: Path, kf: Dict[str, np.ndarray], feats: Dict[str, np.nda
     T = _array(path, K_, kf, "T_world_cam", ["N", 4, 4], dims, "f", "float")
     K = _array(path, K_, kf, "K", ["N", 3, 3], dims, "f", "float")
     sizes = _array(path, K_, kf, "sizes", ["N", 2], dims, "iu", "integers")
+    if "camera_ids" in kf:  # rig maps: optional, informative (keyframe ownership and body pose)
+        _array(path, K_, kf, "camera_ids", ["N"], dims, "US", "strings")
+    if "T_world_base" in kf:
+        _array(path, K_, kf, "T_world_base", ["N", 4, 4], dims, "f", "float")
     for key, shape, kinds in (("source_K", ["N", 3, 3], "f"), ("source_sizes", ["N", 2], "iu")):
         if key in kf:  # metadata (original resolution), not used by the localizer
             _array(path, K_, kf, key, shape, dims, kinds, "float" if kinds == "f" else "integers")
@@ -278,6 +288,11 @@ class KeyframeMap:
         self.names: List[str] = [str(n) for n in kf["names"]]
         self.T_world_cam: np.ndarray = kf["T_world_cam"].astype(np.float64)
         self.cameras: List[Camera] = [Camera(K, int(s[0]), int(s[1])) for K, s in zip(kf["K"], kf["sizes"])]
+        # Rig maps only (else None): the rig camera that took each keyframe ('' unknown)
+        # and the body pose [N, 4, 4] of its capture (NaN unknown).
+        self.camera_ids: Optional[List[str]] = [str(c) for c in kf["camera_ids"]] if "camera_ids" in kf else None
+        self.T_world_base: Optional[np.ndarray] = (kf["T_world_base"].astype(np.float64)
+                                                   if "T_world_base" in kf else None)
         self._kp = feats["keypoints"]
         self._desc = feats["descriptors"]
         self._off = feats["offsets"]
@@ -337,6 +352,7 @@ class KeyframeMap:
         if int(index.index.d) != dims["D"]:
             raise MapError(f"map {path}: index.faiss has dimension {index.index.d}, "
                            f"retrieval.npz['global_descriptors'] has {dims['D']}")
+        index.attach_vectors(retr["global_descriptors"])  # exact re-ranking of an approximate index
         return cls(path, manifest, kf, feats, retr, index)
 
     # -- access ----------------------------------------------------------------------
@@ -410,7 +426,7 @@ class KeyframeMap:
                 self.T_world_cam] + list(self.descriptor_state.values())
         n = sum(a.nbytes for a in arrs)
         n += sum(v.nbytes for v in self._root_cache.values())
-        return int(n + self.index.index.ntotal * self.global_descriptors.shape[1] * 4)
+        return int(n + self.index.memory_bytes())
 
 
 # -- building ------------------------------------------------------------------------
@@ -629,6 +645,7 @@ def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optiona
     t0 = time.perf_counter()
     extractor = SiftExtractor(cfg.features)
     names, poses, Ks, sizes, src_K, src_sizes = [], [], [], [], [], []
+    cam_ids, bases = [], []  # rig frames (reloc_ros.rig.RigFrame) carry these
     kps, descs, pts, srcs, skipped = [], [], [], [], []
     for idx in range(len(frames)):
         names_known = getattr(frames, "names", None)
@@ -665,6 +682,9 @@ def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optiona
         sizes.append([small.shape[1], small.shape[0]])
         src_K.append(fr.camera.K)
         src_sizes.append([w, h])
+        cam_ids.append(str(getattr(fr, "camera_id", "") or ""))
+        tb = getattr(fr, "T_world_base", None)
+        bases.append(np.full((4, 4), np.nan) if tb is None else np.asarray(tb, np.float64))
         kps.append(kp_ud)
         descs.append(feats.descriptors)
         pts.append(p)
@@ -698,9 +718,12 @@ def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optiona
     G = np.stack([descriptor.describe(f) for f in feats_all]).astype(np.float32)
     index = RetrievalIndex.build(G, cfg.retrieval)
     index.save(tmp / "index.faiss")
+    rig = {}
+    if any(cam_ids) or any(np.isfinite(b).all() for b in bases):
+        rig = {"camera_ids": np.array(cam_ids, dtype=str), "T_world_base": np.stack(bases)}
     np.savez(tmp / "keyframes.npz", names=np.array(names, dtype=str), T_world_cam=T_all,
              K=np.stack(Ks), sizes=np.array(sizes, np.int32), source_K=np.stack(src_K),
-             source_sizes=np.array(src_sizes, np.int32))
+             source_sizes=np.array(src_sizes, np.int32), **rig)
     offsets = np.concatenate([[0], np.cumsum([len(k) for k in kps_s])]).astype(np.int64)
     np.savez(tmp / "features.npz", keypoints=np.concatenate(kps_s), descriptors=np.concatenate(descs),
              offsets=offsets, points3d=np.concatenate(pts).astype(np.float32),
@@ -719,8 +742,9 @@ def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optiona
         "num_points_from_depth": int(sum((s == POINT_DEPTH).sum() for s in srcs)),
         "num_points_triangulated": int(sum((s == POINT_TRIANGULATED).sum() for s in srcs)),
         "global_descriptor": descriptor.name,
-        "faiss_index": type(index.index).__name__,
+        "faiss_index": index.description,
         "skipped_frames": skipped,
+        "rig_cameras": sorted({c for c in cam_ids if c}),
         "build_seconds": {"features": round(t_feat - t0, 2), "triangulation": round(t_tri - t_feat, 2),
                           "total": round(time.perf_counter() - t0, 2)},
         "files": {},

@@ -81,3 +81,32 @@ def set_string_param(rp, node_name: str, name: str, value: str) -> None:
         name=name, value=ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=value))])
     res = call_service(rp, SetParameters, f"{node_name}/set_parameters", req)
     assert res.results[0].successful, res.results[0].reason
+
+
+@contextlib.contextmanager
+def launch_test_setup(work: Path, node_params: Mapping[str, object], map_and_queries) -> Iterator[object]:
+    """What a launch test module needs: an isolated ROS environment with reloc_ros in an ament
+    prefix (skips with the reason when ``ros2 launch reloc_ros`` is unusable), a params file of
+    ``node_params`` for ``reloc_node``, and the ros2 daemon of this private domain, as an
+    operator's shell has one (the CLI then finds the node and its topics' QoS without
+    discovering the graph each time); the daemon is stopped at the end, so nothing outlives
+    the test. Yields a namespace: env, params, map_dir, queries, work."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from reloc_ros.demo.procs import isolated_ros_env, launch_unavailable, ros2_cli, with_ament_prefix
+
+    env = with_ament_prefix(isolated_ros_env())
+    why = launch_unavailable(env)
+    if why:
+        pytest.skip(f"ros2 launch reloc_ros is not usable here: {why}")
+    env["ROS_LOG_DIR"] = str(work / "roslog")
+    params = work / "params.yaml"
+    params.write_text(yaml.safe_dump({"reloc_node": {"ros__parameters": dict(node_params)}}))
+    map_dir, queries = map_and_queries
+    ros2_cli(["daemon", "start"], env)
+    try:
+        yield SimpleNamespace(env=env, params=params, map_dir=map_dir, queries=queries, work=work)
+    finally:
+        ros2_cli(["daemon", "stop"], env)

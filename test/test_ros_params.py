@@ -51,6 +51,17 @@ def test_shipped_yaml_lists_every_parameter_with_its_default():
     ({"max_image_pixels": 0}, "max_image_pixels"),
     ({"hint_timeout": -1.0}, "hint_timeout"),
     ({"publish_degenerate": True}, "unknown parameter"),  # replaced by fuse_degenerate
+    ({"cameras": ["front", "front"]}, "cameras must be unique"),
+    ({"cameras": ["front", "2nd"]}, "not a camera namespace"),
+    ({"cameras": ["front", 3]}, "cameras must be a list of strings"),
+    ({"cameras": ["front", "left"], "camera_transports": ["raw"]}, "one transport per camera"),
+    ({"cameras": ["front"], "camera_transports": ["theora"]}, "camera_transports must be one of"),
+    ({"cameras": ["front"], "camera_frame": "cam"}, "camera_frame must be empty with cameras"),
+    ({"cameras": ["front"], "tf_mode": "none", "base_frame": ""}, "cameras needs base_frame"),
+    ({"rig_sync_window": 0.0}, "rig_sync_window must be > 0"),
+    ({"rig_timeout": -0.1}, "rig_timeout"),
+    ({"rig_options": "{min_spread_angle_deg: 200}"}, "min_spread_angle_deg"),
+    ({"cameras": ["front"], "rig_options": "{metod: auto}"}, "unknown rig_options option"),
 ])
 def test_bad_values_are_refused_with_the_parameter_named(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -86,3 +97,17 @@ def test_tracker_config_comes_from_node_parameters():
     p = NodeParams.from_dict({"min_confidence": 0.3, "fuse_degenerate": True, "tracker_options": "{window: 4}"})
     cfg = p.tracker_config()
     assert (cfg.min_confidence, cfg.fuse_degenerate, cfg.window) == (0.3, True, 4)
+
+
+def test_rig_parameters():
+    """`cameras` comes from ROS as a string list (or, unset in a params file, None / an empty
+    byte array); transports default to image_transport; rig_options become a RigConfig."""
+    p = NodeParams.from_dict({"cameras": ["front", "rig/left"], "camera_transports": ["raw", "compressed"],
+                              "rig_options": "{extrinsic_rotation_std_deg: 0.1}"})
+    assert p.cameras == ("front", "rig/left") and p.camera_transport(1) == "compressed"
+    assert p.rig_config().extrinsic_rotation_std_deg == 0.1
+    q = NodeParams.from_dict({"cameras": ["a", "b"], "image_transport": "compressed"})
+    assert [q.camera_transport(i) for i in range(2)] == ["compressed", "compressed"]
+    for unset in (None, b"", []):
+        assert NodeParams.from_dict({"cameras": unset}).cameras == ()
+    assert NodeParams.from_dict({"cameras": "front, left"}).cameras == ("front", "left")  # a launch argument

@@ -5,6 +5,8 @@
                --json OUT.json [--plot OUT.png] [--dataset-option k=v ...] [--quiet]
     reloc-eval --leave-one-out --format F SRC --frames a:b:s [--map-option k=v ...]
                [--no-depth] ... --json OUT.json
+    reloc-eval --rig-demo N [--map RIG_MAP_DIR] [--rig-cameras a,b] [--rig-textureless rotate|NAME]
+               [--rig-size WxH] [--rig-map-poses M] ... --json OUT.json
 
 Queries are the selected frames, opened without depth (a query is one image). Each is
 localized with ``Localizer.localize(image, camera)``; one line per query is printed,
@@ -18,6 +20,14 @@ and queries that frame against it; ``--map`` is not used. ``--map-option`` sets
 MapBuildConfig fields (dotted keys for nested ones, e.g. ``features.max_keypoints=4000``)
 and ``--no-depth`` builds those maps without depth. Prebuilt maps carry their own
 depth choice (``reloc-map build --no-depth``).
+
+``--rig-demo N`` evaluates N captures of the rendered multi-camera rig of
+``reloc_ros.demo.rig_scene`` (front/left/right/back, exact ground truth) with
+``RigLocalizer.localize``; errors are of the *body* pose (T_world_base). Without ``--map``
+a rig map is built from the rig's frames at ``--rig-map-poses`` body poses in a temporary
+directory. ``--rig-cameras`` keeps only the named cameras in every capture;
+``--rig-textureless rotate`` replaces camera i mod n of capture i by a texture-less view
+(a camera name: that camera in every capture). SRC and ``--format`` are not used.
 
 Exit status: 0 = evaluated (whatever the accuracy), 2 = bad arguments, dataset or map.
 """
@@ -44,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="reloc-eval",
         description="Localize dataset frames against a keyframe map and report accuracy and latency.",
     )
-    p.add_argument("src", help="dataset source (folder, or bag)")
-    p.add_argument("--format", "-f", required=True, dest="fmt", help="dataset format (7scenes, kitti, strecha, ...)")
+    p.add_argument("src", nargs="?", default=None, help="dataset source (folder, or bag); not with --rig-demo")
+    p.add_argument("--format", "-f", default=None, dest="fmt",
+                   help="dataset format (7scenes, kitti, strecha, ...); required unless --rig-demo")
     p.add_argument("--frames", default=None, help="start:stop:step over the sorted frames (default: all)")
     p.add_argument("--map", "-m", dest="map_dir", default=None, help="map directory (reloc-map build output)")
     p.add_argument("--estimator", default=None, help="estimator name (default: the localizer's default)")
@@ -65,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MapBuildConfig field for --leave-one-out maps, repeatable (dotted keys nest)")
     p.add_argument("--no-depth", action="store_true", help="build --leave-one-out maps without depth")
     p.add_argument("--quiet", "-q", action="store_true", help="no per-query lines")
+    p.add_argument("--rig-demo", type=int, default=None, metavar="N",
+                   help="evaluate N captures of the rendered demo rig instead of a dataset")
+    p.add_argument("--rig-cameras", default=None, help="--rig-demo: comma-separated cameras to keep")
+    p.add_argument("--rig-textureless", default=None, metavar="rotate|NAME",
+                   help="--rig-demo: blank one camera per capture (rotating) or the named camera")
+    p.add_argument("--rig-size", default="640x480", help="--rig-demo: WxH of every rig camera")
+    p.add_argument("--rig-map-poses", type=int, default=16,
+                   help="--rig-demo without --map: body poses of the rig map built")
     return p
 
 
@@ -193,6 +212,59 @@ def _run_leave_one_out(args, ds_src: str, cfg, records: list) -> dict:
     }
 
 
+def _run_rig_demo(args, cfg, records: list, tmp: str) -> dict:
+    """Rig captures of reloc_ros.demo.rig_scene against a rig map (built in ``tmp`` without --map)."""
+    from reloc_ros.demo.rig_scene import (RigSceneConfig, demo_rig, render_capture, render_rig_frames, rig_path,
+                                          textureless)
+    from reloc_ros.demo.scene import ProceduralRoom, RoomConfig
+    from reloc_ros.evaluation import format_record, make_record
+    from reloc_ros.maps import MapBuildConfig, build_map
+    from reloc_ros.rig import CameraView, RigLocalizer
+
+    if args.rig_demo < 1:
+        raise ValueError("--rig-demo needs N >= 1 captures")
+    try:
+        w, h = (int(v) for v in args.rig_size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--rig-size must be WxH, got {args.rig_size!r}") from None
+    scene = RigSceneConfig(width=w, height=h, focal=525.0 * w / 640.0)
+    room = ProceduralRoom(RoomConfig())
+    rig = demo_rig(scene)
+    keep = rig.names if not args.rig_cameras else [c.strip() for c in args.rig_cameras.split(",") if c.strip()]
+    unknown = [c for c in keep + ([args.rig_textureless] if args.rig_textureless not in (None, "rotate") else [])
+               if c not in rig.names]
+    if unknown:
+        raise ValueError(f"unknown rig camera(s) {unknown}; the demo rig has {rig.names}")
+    map_dir = args.map_dir
+    if map_dir is None:
+        map_dir = str(Path(tmp) / "rig_map")
+        frames = render_rig_frames(room, rig, rig_path(room, args.rig_map_poses, scene), "map")
+        build_map(frames, map_dir, MapBuildConfig(), source="reloc-eval --rig-demo")
+    loc = RigLocalizer.from_map(map_dir, cfg)
+    poses = rig_path(room, args.rig_demo, scene, phase=0.2, jitter=0.5, seed=3)
+    cams: list = []
+    for i, T in enumerate(poses):
+        cap = render_capture(room, rig, T, keep)
+        blank = (cap[i % len(cap)].name if args.rig_textureless == "rotate" else args.rig_textureless)
+        cap = [CameraView(v.name, textureless(v.image) if v.name == blank else v.image, v.camera, v.T_base_cam)
+               for v in cap]
+        t0 = time.perf_counter()
+        res = loc.localize(cap)
+        if "total" not in res.timings_ms:
+            res.timings_ms["total"] = (time.perf_counter() - t0) * 1e3
+        records.append(make_record(f"capture{i:04d}", T, res.as_localization_result()))
+        cams.append([{"name": c.name, "state": c.state, "reason": c.reason, "inliers": c.inliers}
+                     for c in res.cameras])
+        if not args.quiet:
+            print(format_record(len(records) - 1, records[-1]) + "  [" + " ".join(
+                f"{c.name}:{c.inliers if c.state == 'used' else c.state}" for c in res.cameras) + "]", flush=True)
+    kmap = loc.kmap
+    return {"rig_demo": {"captures": args.rig_demo, "cameras": keep, "textureless": args.rig_textureless,
+                         "size": [w, h], "map": str(Path(map_dir).resolve()) if args.map_dir else "temporary",
+                         "map_keyframes": kmap.num_keyframes, "camera_reports": cams},
+            "T_world_kf": kmap.T_world_base if kmap.T_world_base is not None else kmap.T_world_cam}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -201,6 +273,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from reloc_ros.evaluation import format_table, plot, summarize, write_json
     from reloc_ros.types import RelocError
 
+    if args.rig_demo is not None:
+        return _main_rig_demo(args, argv)
+    if args.src is None or args.fmt is None:
+        print("reloc-eval: SRC and --format are required (or use --rig-demo N)", file=sys.stderr)
+        return 2
     if not args.leave_one_out and not args.map_dir:
         print("reloc-eval: --map is required (or use --leave-one-out)", file=sys.stderr)
         return 2
@@ -251,6 +328,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "wall_time_s": time.perf_counter() - t_start,
         **info,
     }
+    out = write_json(args.json_out, summary, records, meta)
+    print(f"wrote {out}")
+    if args.plot:
+        print(f"wrote {plot(args.plot, records, T_world_kf, title=title)}")
+    return 0
+
+
+def _main_rig_demo(args, argv) -> int:
+    from reloc_ros.config import to_dict
+    from reloc_ros.evaluation import format_table, plot, summarize, write_json
+    from reloc_ros.types import RelocError
+
+    records: list = []
+    t_start = time.perf_counter()
+    try:
+        cfg = _localizer_config(args)
+        with tempfile.TemporaryDirectory(prefix="reloc_eval_rig_") as tmp:
+            info = _run_rig_demo(args, cfg, records, tmp)
+    except (RelocError, ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"reloc-eval: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    T_world_kf = info.pop("T_world_kf")
+    summary = summarize(records)
+    rd = info["rig_demo"]
+    title = (f"demo rig {','.join(rd['cameras'])}" + (f" textureless={rd['textureless']}" if rd["textureless"] else "")
+             + f" {rd['captures']} captures | {cfg.estimator} | body pose")
+    print()
+    print(title)
+    print(format_table(summary))
+    meta = {"command": ["reloc-eval", *(sys.argv[1:] if argv is None else list(argv))],
+            "localizer_config": to_dict(cfg), "wall_time_s": time.perf_counter() - t_start, **info}
     out = write_json(args.json_out, summary, records, meta)
     print(f"wrote {out}")
     if args.plot:

@@ -2,6 +2,10 @@
 
 Subscribes (relative names, so users remap them):
   ``image`` (sensor_msgs/Image) or ``image/compressed`` (CompressedImage), ``camera_info``.
+  With ``cameras`` (a multi-camera rig): ``<name>/image`` (or ``<name>/image/compressed``)
+  and ``<name>/camera_info`` per camera instead; frames are grouped into captures by stamp
+  (reloc_ros.sync) and each capture gives one body pose (reloc_ros.rig.RigLocalizer), fed
+  to the same tracker and outputs as a single camera's fix.
   ``initialpose_topic`` (operator reset, unless amcl_seeding) and ``hint_topic``
   (geometry_msgs/PoseWithCovarianceStamped, read in their header frame through TF).
 Publishes:
@@ -19,15 +23,15 @@ Publishes:
 Services: ``~/trigger`` (std_srvs/Trigger), ``~/enable`` (std_srvs/SetBool),
 ``~/reload_map`` (std_srvs/Trigger).
 
-A plain node, not a managed (lifecycle) one: it must come up and report on /diagnostics
-even when the map is missing or corrupt, and recover through ``~/reload_map`` without a
-lifecycle manager (there is none in a PyPI ROS install); a lifecycle node whose
-``on_configure`` fails has inactive publishers and cannot say why on /diagnostics.
-``~/enable`` and ``~/reload_map`` give the run-time control a lifecycle would.
+A plain node by default: it must come up and report on /diagnostics even when the map is
+missing or corrupt, and recover through ``~/reload_map`` without a lifecycle manager;
+``~/enable`` and ``~/reload_map`` give the run-time control a lifecycle would. Stacks with a
+lifecycle manager (Nav2) run the managed variant, ``reloc_lifecycle_node``
+(reloc_ros.ros.lifecycle_node), built from the same ``RelocCore``.
 
-The image callback only stores the newest message; one worker thread decodes and
-localizes it, so a slow estimator never builds a backlog (replaced frames are counted
-as dropped).
+The image callback only stores the newest message (rig: the newest released capture);
+one worker thread decodes and localizes it, so a slow estimator never builds a backlog
+(replaced frames are counted as dropped).
 """
 from __future__ import annotations
 
@@ -37,8 +41,8 @@ import threading
 from collections import OrderedDict
 import time
 import traceback
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import rclpy
@@ -62,6 +66,7 @@ from reloc_ros.geometry import invert
 from reloc_ros.ros.frames import camera_to_body, covariance_is_usable, floor_covariance
 from reloc_ros.ros.params import NodeParams, declare_params
 from reloc_ros.ros.tf_buffer import TfLookupError, make_tf_lookup
+from reloc_ros.sync import Capture, CaptureSynchronizer
 from reloc_ros.tracking import Fix, PoseTracker, TrackState
 from reloc_ros.types import RelocError, Status
 
@@ -101,6 +106,26 @@ class _Stats:
     last_retrieval: str = ""
 
 
+@dataclass
+class _RigCam:
+    """Inputs and last outcome of one camera of a rig (parameter ``cameras``)."""
+
+    name: str
+    compressed: bool
+    image_topic: str  # relative: '<name>/image' or '<name>/image/compressed'
+    info_topic: str
+    latest_info: Optional[CameraInfo] = None
+    infos: "OrderedDict[int, CameraInfo]" = field(default_factory=OrderedDict)  # recent, by stamp
+    info_waited: bool = False  # its first CameraInfo was waited for once
+    tf_missing: bool = False  # its extrinsic was missing at the last capture: do not wait for it again
+    received: int = 0
+    captures_missing: int = 0  # captures released without a frame of this camera
+    captures_excluded: int = 0  # captures in which its frame was unusable (CameraInfo, TF, image)
+    state: str = ""  # in the last processed capture: used, no_inliers, no_features, excluded, missing
+    reason: str = ""
+    inliers: int = 0
+
+
 def _image_qos(p: NodeParams) -> QoSProfile:
     if p.image_qos == "sensor_data":
         q = qos_profile_sensor_data
@@ -113,19 +138,29 @@ def _image_qos(p: NodeParams) -> QoSProfile:
                       durability=DurabilityPolicy.VOLATILE)
 
 
-class RelocNode(Node):
-    """The relocalization node; see the module docstring for its interface."""
+class RelocCore:
+    """The node's logic, independent of how its ROS entities come and go.
 
-    def __init__(self, **node_kwargs) -> None:
-        super().__init__("reloc_node", **node_kwargs)
+    Shared by ``RelocNode`` (plain node: everything at construction, the map loaded by the
+    worker so the node is up at once) and ``reloc_ros.ros.lifecycle_node.RelocLifecycleNode``
+    (managed node: the same pieces created by the lifecycle transitions). Used as a mixin
+    before ``rclpy.node.Node`` (or ``LifecycleNode``) in the bases.
+    """
+
+    def _setup_params(self, p: NodeParams) -> None:
+        """Take validated parameters and build the configs; ConfigError if they are unusable."""
         try:
-            self.p: NodeParams = declare_params(self)
             from reloc_ros.localizer import LocalizerConfig
 
-            self._loc_cfg = LocalizerConfig.from_dict(self.p.localizer_config_dict())
-            self._tracker_cfg = self.p.tracker_config()
+            self._loc_cfg = LocalizerConfig.from_dict(p.localizer_config_dict())
+            self._tracker_cfg = p.tracker_config()
+            self._rig_cfg = p.rig_config() if p.cameras else None
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        self.p: NodeParams = p
+
+    def _setup_state(self) -> None:
+        """Run-time state (no ROS entities); called once per configuration."""
         p = self.p
         from reloc_ros.threads import default_threads, limit_threads
 
@@ -135,6 +170,20 @@ class RelocNode(Node):
         self._map_frame = p.map_frame.strip("/")
         self._odom_frame = p.odom_frame.strip("/")
         self._base_frame = p.base_frame.strip("/")
+        self._image_topic = "image/compressed" if self._compressed else "image"
+        # Multi-camera rig (parameter `cameras`): frames grouped into captures by stamp, one
+        # body pose per capture from reloc_ros.rig.RigLocalizer.
+        self._rig_names: List[str] = list(p.cameras)
+        self._cams: Dict[str, _RigCam] = {}
+        for i, name in enumerate(self._rig_names):
+            comp = p.camera_transport(i) == "compressed"
+            self._cams[name] = _RigCam(name, comp, f"{name}/image" + ("/compressed" if comp else ""),
+                                       f"{name}/camera_info")
+        self._sync = (CaptureSynchronizer(self._rig_names, p.rig_sync_window, p.rig_timeout)
+                      if self._rig_names else None)
+        # the worker polls the synchronizer while idle, so a capture missing a camera leaves on time
+        self._idle_wait = min(0.2, max(p.rig_timeout / 2, 0.01)) if self._sync is not None else 0.2
+        self._rig_loc = None  # RigLocalizer sharing the loaded Localizer (worker only)
 
         self._lock = threading.Lock()
         self._frame_cond = threading.Condition(self._lock)
@@ -142,6 +191,7 @@ class RelocNode(Node):
         self._map_lock = threading.Lock()  # serialises map loads (start-up and ~/reload_map)
         self._swap_lock = threading.Lock()  # a frame's outputs vs. swapping in a new map
         self._stop = threading.Event()
+        self._worker: Optional[threading.Thread] = None
         self._pending: Optional[Tuple[object, float]] = None
         self._camera_info: Optional[CameraInfo] = None
         self._infos: "OrderedDict[int, CameraInfo]" = OrderedDict()  # recent CameraInfo by stamp
@@ -162,6 +212,7 @@ class RelocNode(Node):
         self._last_diag_key: Optional[Tuple[int, str]] = None
         self._tf_out: Optional[Tuple[np.ndarray, str, str]] = None  # what the TF timer broadcasts
         self._tf_sent_ns: Optional[int] = None  # stamp of the newest transform sent
+        self._tf_allowed = True  # False while a managed node is inactive: /tf must stay silent
         self._map_generation = 0  # bumped by every successful map load
         # The tracker is only touched under _track_lock (worker, hint callbacks, reload).
         self._track_lock = threading.Lock()
@@ -170,57 +221,122 @@ class RelocNode(Node):
         self._last_innovation = float("nan")
         self._last_decision = ""
         self._fused_std = float("nan")
+        self._io_group = ReentrantCallbackGroup()
+        self._timer_group = MutuallyExclusiveCallbackGroup()
+        self._outputs: list = []  # (destroy function, entity) of _create_outputs
+        self._inputs: list = []  # (destroy function, entity) of _create_inputs
+        self._tf_timer = None
+        if not hasattr(self, "_lookup"):
+            self._lookup, self._tf_backend = None, "none"
 
-        io_group = ReentrantCallbackGroup()
+    def _create_outputs(self, make_publisher) -> None:
+        """Publishers (made by ``make_publisher(type, topic, qos)``), services and the diagnostics
+        timer. /diagnostics always uses a plain publisher, so a managed node that is not active
+        still reports why."""
+        p = self.p
         srv_group = MutuallyExclusiveCallbackGroup()
         reload_group = MutuallyExclusiveCallbackGroup()  # a map load takes seconds: ~/enable must still answer
-        timer_group = MutuallyExclusiveCallbackGroup()
-
         pose_qos = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                               durability=DurabilityPolicy.TRANSIENT_LOCAL)  # latched like amcl_pose
-        self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, "~/pose", pose_qos)
-        self._raw_pub = self.create_publisher(PoseWithCovarianceStamped, "~/pose_raw", 10)
         tf_qos = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                             durability=DurabilityPolicy.VOLATILE)  # tf2_ros broadcaster QoS
-        self._tf_pub = self.create_publisher(TFMessage, "/tf", tf_qos) if p.tf_mode != "none" else None
-        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._marker_pub = self.create_publisher(MarkerArray, "~/markers", 1) if p.publish_markers else None
-        self._seed_pub = (self.create_publisher(PoseWithCovarianceStamped, p.initialpose_topic, 10)
-                          if p.amcl_seeding else None)
 
-        img_qos = _image_qos(p)
-        if self._compressed:
-            self._image_topic = "image/compressed"
-            self.create_subscription(CompressedImage, self._image_topic, self._on_image, img_qos,
-                                     callback_group=io_group)
+        def pub(msg_type, topic, qos):
+            entity = make_publisher(msg_type, topic, qos)
+            self._outputs.append((self._destroy_publisher, entity))
+            return entity
+
+        self._pose_pub = pub(PoseWithCovarianceStamped, "~/pose", pose_qos)
+        self._raw_pub = pub(PoseWithCovarianceStamped, "~/pose_raw", 10)
+        self._tf_pub = pub(TFMessage, "/tf", tf_qos) if p.tf_mode != "none" else None
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._outputs.append((self.destroy_publisher, self._diag_pub))
+        self._marker_pub = pub(MarkerArray, "~/markers", 1) if p.publish_markers else None
+        self._seed_pub = pub(PoseWithCovarianceStamped, p.initialpose_topic, 10) if p.amcl_seeding else None
+        for srv_type, name, cb, group in ((Trigger, "~/trigger", self._srv_trigger, srv_group),
+                                          (SetBool, "~/enable", self._srv_enable, srv_group),
+                                          (Trigger, "~/reload_map", self._srv_reload, reload_group)):
+            self._outputs.append((self.destroy_service, self.create_service(srv_type, name, cb, callback_group=group)))
+        timer = self.create_timer(p.diagnostics_period, self._publish_diagnostics, callback_group=self._timer_group)
+        self._outputs.append((self.destroy_timer, timer))
+
+    def _destroy_publisher(self, publisher) -> None:
+        destroy = getattr(self, "destroy_lifecycle_publisher", None)
+        if destroy is not None and publisher in getattr(self, "_managed_entities", ()):
+            destroy(publisher)
         else:
-            self._image_topic = "image"
-            self.create_subscription(Image, self._image_topic, self._on_image, img_qos, callback_group=io_group)
-        self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, img_qos, callback_group=io_group)
-        self._lookup, self._tf_backend = make_tf_lookup(self, io_group)
+            self.destroy_publisher(publisher)
+
+    def _create_inputs(self) -> None:
+        """Subscriptions (images, camera_info, hints), the TF listener (once) and the TF timer."""
+        p = self.p
+        img_qos = _image_qos(p)
+        io_group = self._io_group
+
+        def sub(msg_type, topic, cb, qos):
+            self._inputs.append((self.destroy_subscription,
+                                 self.create_subscription(msg_type, topic, cb, qos, callback_group=io_group)))
+
+        if self._cams:
+            for c in self._cams.values():
+                sub(CompressedImage if c.compressed else Image, c.image_topic,
+                    lambda m, n=c.name: self._on_rig_image(n, m), img_qos)
+                sub(CameraInfo, c.info_topic, lambda m, n=c.name: self._on_rig_info(n, m), img_qos)
+        else:
+            sub(CompressedImage if self._compressed else Image, self._image_topic, self._on_image, img_qos)
+            sub(CameraInfo, "camera_info", self._on_camera_info, img_qos)
+        if self._lookup is None:
+            # kept for the node's life: the buffer must hold odom->base history before the first frame
+            self._lookup, self._tf_backend = make_tf_lookup(self, io_group)
         hint_qos = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                               durability=DurabilityPolicy.VOLATILE)
         if not p.amcl_seeding and p.initialpose_topic.strip():
-            self.create_subscription(PoseWithCovarianceStamped, p.initialpose_topic,
-                                     lambda m: self._on_hint(m, reset=True), hint_qos, callback_group=io_group)
+            sub(PoseWithCovarianceStamped, p.initialpose_topic, lambda m: self._on_hint(m, reset=True), hint_qos)
         if p.hint_topic.strip():
-            self.create_subscription(PoseWithCovarianceStamped, p.hint_topic,
-                                     lambda m: self._on_hint(m, reset=False), hint_qos, callback_group=io_group)
-
-        self.create_service(Trigger, "~/trigger", self._srv_trigger, callback_group=srv_group)
-        self.create_service(SetBool, "~/enable", self._srv_enable, callback_group=srv_group)
-        self.create_service(Trigger, "~/reload_map", self._srv_reload, callback_group=reload_group)
-
-        self.create_timer(p.diagnostics_period, self._publish_diagnostics, callback_group=timer_group)
+            sub(PoseWithCovarianceStamped, p.hint_topic, lambda m: self._on_hint(m, reset=False), hint_qos)
+        with self._lock:
+            self._tf_allowed = True
         if self._tf_pub is not None and p.tf_publish_rate > 0:
-            self.create_timer(1.0 / p.tf_publish_rate, self._send_tf, callback_group=timer_group)
+            self._tf_timer = self.create_timer(1.0 / p.tf_publish_rate, self._send_tf,
+                                               callback_group=self._timer_group)
 
+    def _stop_tf(self) -> None:
+        """Stop /tf at once: nothing held, nothing re-broadcast, no new fix may set it again."""
+        with self._lock:
+            self._tf_allowed = False
+            self._tf_out = None
+        if self._tf_timer is not None:
+            self.destroy_timer(self._tf_timer)
+            self._tf_timer = None
+
+    def _destroy_inputs(self) -> None:
+        self._stop_tf()
+        for destroy, entity in self._inputs:
+            destroy(entity)
+        self._inputs = []
+
+    def _destroy_outputs(self) -> None:
+        for destroy, entity in self._outputs:
+            destroy(entity)
+        self._outputs = []
+
+    def _log_config(self) -> None:
+        p = self.p
+        if self._cams:
+            inputs = ("rig of " + ", ".join(f"{self.resolve_topic_name(c.image_topic)}" for c in self._cams.values())
+                      + f" (sync window {p.rig_sync_window} s, timeout {p.rig_timeout} s, qos {p.image_qos})")
+        else:
+            inputs = f"{self.resolve_topic_name(self._image_topic)} ({p.image_transport}, qos {p.image_qos})"
         self.get_logger().info(
             f"reloc_node: map_path='{p.map_path}', estimator={p.estimator}, top_k={p.top_k}, "
-            f"input={self.resolve_topic_name(self._image_topic)} ({p.image_transport}, qos {p.image_qos}), "
+            f"input={inputs}, "
             f"tf_mode={p.tf_mode}, processing={p.processing_mode} (max_rate {p.max_rate} Hz), "
             f"tf backend {self._tf_backend}, threads {self._threads}")
-        self._worker = threading.Thread(target=self._work, name="reloc_worker", daemon=True)
+
+    def _start_worker(self, load_map: bool) -> None:
+        """Start the worker thread; with load_map it first loads map_path (the plain node's start)."""
+        self._stop.clear()
+        self._worker = threading.Thread(target=self._work, args=(load_map,), name="reloc_worker", daemon=True)
         self._worker.start()
 
     # ------------------------------------------------------------------ input callbacks
@@ -236,31 +352,60 @@ class RelocNode(Node):
         """Store the newest frame; never blocks on the localizer."""
         recv = time.monotonic()
         stamp = stamp_to_ns(msg.header.stamp)
-        p = self.p
         with self._lock:
-            s = self._stats
-            s.received += 1
+            self._stats.received += 1
             self._last_image_mono = recv
-            if not self._enabled:
-                s.skipped += 1
-                return
-            if p.processing_mode == "trigger" and not self._trigger_pending:
-                s.skipped += 1
-                return
-            last = self._last_accepted_stamp
-            if last is not None and stamp <= last and last - stamp < 1e9:
-                s.unordered_stamps += 1  # zero or repeated stamps: throttle on arrival time instead
-            if (p.processing_mode == "continuous" and p.max_rate > 0 and not self._trigger_pending
-                    and last is not None and self._throttled(stamp, last, recv)):
-                s.skipped += 1
-                return
-            self._trigger_pending = False
-            self._last_accepted_stamp = stamp
-            self._last_accepted_mono = recv
-            if self._pending is not None:
-                s.dropped += 1
-            self._pending = (msg, recv)
-            self._frame_cond.notify()
+            self._accept_locked(stamp, msg, recv)
+
+    def _on_rig_info(self, name: str, msg: CameraInfo) -> None:
+        with self._lock:
+            c = self._cams[name]
+            c.latest_info = msg
+            c.infos[stamp_to_ns(msg.header.stamp)] = msg
+            while len(c.infos) > 30:
+                c.infos.popitem(last=False)
+            self._info_cond.notify_all()
+
+    def _on_rig_image(self, name: str, msg) -> None:
+        """Add a rig camera's frame to the synchronizer; a released capture is handed to the
+        worker like a single frame (newest only). Never blocks on the localizer."""
+        recv = time.monotonic()
+        with self._lock:
+            self._stats.received += 1
+            self._cams[name].received += 1
+            self._last_image_mono = recv
+            self._take_captures_locked(self._sync.add(name, stamp_to_ns(msg.header.stamp), msg, recv))
+
+    def _take_captures_locked(self, captures: Sequence[Capture]) -> None:
+        for cap in captures:  # in stamp order: the newest accepted one ends up pending
+            for n in cap.missing:
+                self._cams[n].captures_missing += 1
+            self._accept_locked(cap.stamp_ns, cap, cap.first_arrival)
+
+    def _accept_locked(self, stamp: int, item, recv: float) -> None:
+        """Make a frame (or rig capture) the pending one unless disabled, untriggered or throttled."""
+        p = self.p
+        s = self._stats
+        if not self._enabled:
+            s.skipped += 1
+            return
+        if p.processing_mode == "trigger" and not self._trigger_pending:
+            s.skipped += 1
+            return
+        last = self._last_accepted_stamp
+        if last is not None and stamp <= last and last - stamp < 1e9:
+            s.unordered_stamps += 1  # zero or repeated stamps: throttle on arrival time instead
+        if (p.processing_mode == "continuous" and p.max_rate > 0 and not self._trigger_pending
+                and last is not None and self._throttled(stamp, last, recv)):
+            s.skipped += 1
+            return
+        self._trigger_pending = False
+        self._last_accepted_stamp = stamp
+        self._last_accepted_mono = recv
+        if self._pending is not None:
+            s.dropped += 1
+        self._pending = (item, recv)
+        self._frame_cond.notify()
 
     def _throttled(self, stamp: int, last: int, recv_mono: float) -> bool:
         """max_rate on stamp time, so a replayed bag throttles the same way; on arrival time
@@ -316,19 +461,27 @@ class RelocNode(Node):
         self._set_status(OK, f"{kind} in '{frame}' accepted: {d.message}")
 
     # ------------------------------------------------------------------ worker
-    def _work(self) -> None:
+    def _work(self, load_map: bool = True) -> None:
         from reloc_ros.threads import limit_threads
 
         limit_threads(self._num_threads)  # FAISS's OpenMP limit is per thread
-        self._load_map(self.p.map_path)
+        if load_map:
+            self._load_map(self.p.map_path)
         while not self._stop.is_set():
             with self._frame_cond:
                 while self._pending is None and not self._stop.is_set():
-                    self._frame_cond.wait(0.2)
+                    if self._sync is not None:
+                        self._take_captures_locked(self._sync.poll(time.monotonic()))
+                        if self._pending is not None:
+                            break
+                    self._frame_cond.wait(self._idle_wait)
                 item, self._pending = self._pending, None
             if item is not None and not self._stop.is_set():
                 try:
-                    self._process(*item)
+                    if isinstance(item[0], Capture):
+                        self._process_capture(*item)
+                    else:
+                        self._process(*item)
                 except Exception as e:  # the worker must survive anything a frame can cause
                     if self._stop.is_set():
                         return  # shutting down: publishers and logger may already be gone
@@ -406,6 +559,130 @@ class RelocNode(Node):
         except RelocError as e:
             self._frame_failed(f"bad input: {e}", processed=True)
             return
+        self._publish_result(loc, res, stamp, start, generation, T_base_cam, body_frame, T_odom_base, odom_note)
+
+    def _wait_rig_infos(self, names: Sequence[str]) -> None:
+        """Wait (once per camera, at most camera_info_timeout) for the first CameraInfo of the
+        capture's cameras that have none yet, as the single-camera path does for its first."""
+        with self._info_cond:
+            need = [n for n in names if self._cams[n].latest_info is None and not self._cams[n].info_waited]
+            if not need:
+                return
+            deadline = time.monotonic() + self.p.camera_info_timeout
+            while any(self._cams[n].latest_info is None for n in need) and not self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._info_cond.wait(left)
+            for n in need:
+                self._cams[n].info_waited = True
+
+    def _rig_localizer_for(self, loc):
+        """The RigLocalizer sharing ``loc`` (map, configuration, extractor); rebuilt after a reload."""
+        if self._rig_loc is None or self._rig_loc.localizer is not loc:
+            from reloc_ros.rig import RigLocalizer
+
+            self._rig_loc = RigLocalizer(loc.kmap, rig_config=self._rig_cfg, localizer=loc)
+        return self._rig_loc
+
+    def _process_capture(self, cap: Capture, recv_mono: float) -> None:
+        """One rig capture: per camera CameraInfo, image and extrinsic (TF base_frame <- its
+        frame_id at its stamp); a camera whose input is unusable is excluded with the reason
+        and the others localize the body. The result takes the single-camera output path
+        with the body as the tracked frame."""
+        from reloc_ros.rig import CameraView
+
+        p = self.p
+        start = time.monotonic()
+        stamp = cap.stamp_ns
+        with self._lock:
+            self._stats.last_queue_ms = (start - recv_mono) * 1e3
+            loc, generation = self._localizer, self._map_generation
+        if loc is None:
+            self._frame_failed(f"no map loaded: {self._map_error}", count_failed=False)
+            return
+        rig_loc = self._rig_localizer_for(loc)
+        self._wait_rig_infos(list(cap.frames))
+        base = self._base_frame
+        views, excluded = [], {}
+        for name in self._rig_names:
+            if name not in cap.frames:
+                continue
+            c = self._cams[name]
+            fstamp, msg = cap.frames[name]
+            with self._lock:
+                info = c.infos.get(fstamp)
+                info = c.latest_info if info is None else info
+            try:
+                if info is None:
+                    raise MessageConversionError(f"no CameraInfo received on {self.resolve_topic_name(c.info_topic)}")
+                image, camera = image_and_camera(msg, c.compressed, info, p.max_image_pixels)
+            except MessageConversionError as e:
+                excluded[name] = f"bad input: {e}"
+                continue
+            frame = (msg.header.frame_id or "").strip("/")
+            T_base_cam = np.eye(4)
+            if not frame:
+                excluded[name] = "image header has no frame_id (needed for the camera's TF extrinsic)"
+                continue
+            if frame != base:
+                try:
+                    # a mount known missing is not waited for again: it would delay every capture
+                    T_base_cam = self._lookup(base, frame, fstamp, 0.0 if c.tf_missing else p.tf_timeout)
+                    c.tf_missing = False
+                except TfLookupError as e:
+                    c.tf_missing = True
+                    excluded[name] = f"no TF {base} <- {frame} (camera extrinsic) at the image stamp: {e}"
+                    continue
+            views.append(CameraView(name, image, camera, T_base_cam, fstamp * 1e-9))
+        T_odom_base, odom_note = None, ""
+        if p.tf_mode != "map_to_base":
+            try:
+                T_odom_base = self._lookup(self._odom_frame, base, stamp, p.tf_timeout)
+            except TfLookupError as e:
+                odom_note = f"no TF {self._odom_frame} <- {base} at the capture stamp: {e}"
+        res = None
+        if views:
+            res = rig_loc.localize(views, self._prior(stamp, T_odom_base, np.eye(4)))
+        reports = {r.name: r for r in (res.cameras if res is not None else [])}
+        notes, warn = [], False
+        with self._lock:
+            for name in self._rig_names:
+                c = self._cams[name]
+                r = reports.get(name)
+                if name not in cap.frames:
+                    c.state, c.reason, c.inliers = "missing", "no frame in this capture", 0
+                elif name in excluded:
+                    c.state, c.reason, c.inliers = "excluded", excluded[name], 0
+                elif r is not None:
+                    c.state, c.reason, c.inliers = r.state, r.warning or r.reason, r.inliers
+                if c.state == "excluded":
+                    c.captures_excluded += 1
+                    notes.append(f"camera '{name}' excluded: {c.reason}")
+                    warn = True
+                elif r is not None and r.warning:
+                    notes.append(f"camera '{name}': {r.warning}")
+                    warn = True
+        if res is None:
+            self._frame_failed("no usable camera in the capture: " + "; ".join(notes), processed=True)
+            return
+        lres = res.as_localization_result()
+        lres.retrieval = res.retrieval
+        if res.status != Status.ERROR:
+            used = ", ".join(res.used_cameras) or "none"
+            notes.insert(0, f"cameras used: {used} ({res.method})")
+        self._publish_result(loc, lres, stamp, start, generation, np.eye(4), base, T_odom_base, odom_note,
+                             notes, warn)
+
+    def _publish_result(self, loc, res, stamp: int, start: float, generation: int, T_base_cam: np.ndarray,
+                        body_frame: str, T_odom_base: Optional[np.ndarray], odom_note: str,
+                        notes_extra: Sequence[str] = (), warn_extra: bool = False) -> None:
+        """Everything after the core's estimate, shared by single frames and rig captures:
+        counters, ~/pose_raw, the tracker, ~/pose, /tf and the status. ``res`` is a
+        LocalizationResult whose T_world_cam is the camera pose (``T_base_cam`` moves it to
+        ``body_frame``); a rig's result holds the body pose with T_base_cam = I.
+        notes_extra / warn_extra: what the status adds (a rig camera excluded: WARN)."""
+        p = self.p
         # A map swap waits for this frame's outputs (milliseconds), so nothing computed on the
         # old map is published after the new one is in place.
         with self._swap_lock:
@@ -449,6 +726,8 @@ class RelocNode(Node):
                 state = self._tracker.state
                 pred = self._tracker.predict(stamp, T_odom_base) if (T_odom_base is not None or
                                                                      p.tf_mode == "map_to_base") else None
+                # the state itself: map->odom moves only when a fix changes the state (with
+                # TrackerConfig.odom_bias, ~/pose also carries the bias correction between fixes)
                 T_map_odom = self._tracker.T_map_odom
             published = state == TrackState.TRACKING and pred is not None
             if published:
@@ -471,10 +750,11 @@ class RelocNode(Node):
             with self._lock:
                 self._stats.last_latency_ms = latency_ms
             if not res.localized:
-                self._set_status(WARN, raw_note, "processed", "not_localized", *(("published",) if published else ()))
+                self._set_status(WARN, "; ".join([raw_note, *notes_extra]), "processed", "not_localized",
+                                 *(("published",) if published else ()))
                 return
-            level = OK
-            notes = []
+            level = WARN if warn_extra else OK
+            notes = list(notes_extra)
             if res.status == Status.DEGENERATE:
                 level = WARN
                 notes.append(f"degenerate: {res.message}")
@@ -628,7 +908,7 @@ class RelocNode(Node):
             return
         with self._lock:
             changed = tf is not None and (self._tf_out is None or not np.array_equal(self._tf_out[0], tf[0]))
-            if tf is not None and not self._enabled:
+            if tf is not None and not (self._enabled and self._tf_allowed):
                 return
             self._tf_out = tf
         if changed:
@@ -695,7 +975,9 @@ class RelocNode(Node):
             cond = (ERROR, f"no map loaded: {self._map_error}")
         elif self.p.input_timeout > 0 and now - (self._last_image_mono or self._start_mono) > self.p.input_timeout:
             since = now - (self._last_image_mono or self._start_mono)
-            cond = (WARN, f"no image received on {self.resolve_topic_name(self._image_topic)} for {since:.1f} s")
+            where = ("any rig camera (" + ", ".join(self._rig_names) + ")" if self._cams
+                     else self.resolve_topic_name(self._image_topic))
+            cond = (WARN, f"no image received on {where} for {since:.1f} s")
         elif not self._enabled:
             cond = (WARN, "disabled by ~/enable")
         if cond is None:
@@ -733,7 +1015,8 @@ class RelocNode(Node):
                 "poses_published": str(s.published),
                 "enabled": str(self._enabled).lower(),
                 "processing_mode": self.p.processing_mode,
-                "camera_info_received": str(self._camera_info is not None).lower(),
+                "camera_info_received": str(self._camera_info is not None if not self._cams else
+                                            all(c.latest_info is not None for c in self._cams.values())).lower(),
                 "tf_backend": self._tf_backend,
                 "last_retrieval": s.last_retrieval,
                 "image_stamps_not_increasing": str(s.unordered_stamps),
@@ -754,6 +1037,20 @@ class RelocNode(Node):
                 "tf_broadcasting": str(self._tf_out is not None).lower(),
                 "threads": str(self._num_threads),
             }
+            if self._cams:
+                # per rig camera, the outcome in the last processed capture and its input counters
+                rel = self._sync.released
+                values.update({"rig_cameras": " ".join(self._rig_names),
+                               "captures_complete": str(rel["complete"]),
+                               "captures_partial": str(sum(rel.values()) - rel["complete"]),
+                               "rig_frames_late": str(self._sync.late)})
+                for n, c in self._cams.items():
+                    values.update({f"camera.{n}.state": c.state, f"camera.{n}.reason": c.reason,
+                                   f"camera.{n}.inliers": str(c.inliers),
+                                   f"camera.{n}.images_received": str(c.received),
+                                   f"camera.{n}.camera_info_received": str(c.latest_info is not None).lower(),
+                                   f"camera.{n}.captures_missing": str(c.captures_missing),
+                                   f"camera.{n}.captures_excluded": str(c.captures_excluded)})
         st = DiagnosticStatus(level=level, name=f"{self.get_name()}: localization", message=message,
                               hardware_id="reloc_ros")
         st.values = [KeyValue(key=k, value=v) for k, v in values.items()]
@@ -777,11 +1074,36 @@ class RelocNode(Node):
         with self._lock:
             self._frame_cond.notify_all()
             self._info_cond.notify_all()
-        self._worker.join(timeout=5.0)
+            self._pending = None
+        if self._worker is not None:
+            self._worker.join(timeout=5.0)
+            self._worker = None
+
+
+class RelocNode(RelocCore, Node):
+    """The relocalization node; see the module docstring for its interface."""
+
+    def __init__(self, **node_kwargs) -> None:
+        Node.__init__(self, "reloc_node", **node_kwargs)
+        try:
+            params = declare_params(self)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self._setup_params(params)
+        self._setup_state()
+        self._create_outputs(self.create_publisher)
+        self._create_inputs()
+        self._log_config()
+        self._start_worker(load_map=True)
 
 
 def main(args=None) -> int:
-    """Console script ``reloc_node``: run the node until SIGINT/SIGTERM. Exit 2 on bad parameters.
+    """Console script ``reloc_node``: run the node until SIGINT/SIGTERM. Exit 2 on bad parameters."""
+    return run_node(RelocNode, args)
+
+
+def run_node(make_node, args=None) -> int:
+    """Run ``make_node()`` until SIGINT/SIGTERM; 0 after a clean stop, 2 on a ConfigError.
 
     Shutdown is ordered by hand (rclpy's own signal handler invalidates the context
     first): stop the worker while publishers still work, then the executor, then the
@@ -789,7 +1111,7 @@ def main(args=None) -> int:
     """
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     try:
-        node = RelocNode()
+        node = make_node()
     except ConfigError as e:
         print(f"reloc_node: invalid parameters: {e}", file=sys.stderr)
         rclpy.try_shutdown()
@@ -802,14 +1124,21 @@ def main(args=None) -> int:
     spinner = threading.Thread(target=executor.spin, name="executor", daemon=True)
     spinner.start()
     try:
-        while not stop.wait(0.2) and spinner.is_alive():
+        # a managed node sets `finished` after its shutdown transition: nothing is left to do
+        while not stop.wait(0.2) and spinner.is_alive() and not getattr(node, "finished", False):
             pass
+        if getattr(node, "finished", False):
+            time.sleep(0.5)  # let the shutdown transition's service response go out first
     finally:
         node.shutdown()
         executor.shutdown(timeout_sec=5.0)
         spinner.join(timeout=5.0)
         node.destroy_node()
         rclpy.try_shutdown()
+        # Exiting now with 0: a late SIGINT (e.g. launch shutting down right after a lifecycle
+        # shutdown) must not hit the default handler during interpreter exit and turn it into -2.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     return 0
 
 

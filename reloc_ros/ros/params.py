@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Tuple
 
 import yaml
 
@@ -58,6 +59,11 @@ class NodeParams:
     publish_markers: bool = False
     diagnostics_period: float = 1.0
     input_timeout: float = 5.0
+    cameras: Tuple[str, ...] = ()
+    camera_transports: Tuple[str, ...] = ()
+    rig_sync_window: float = 0.03
+    rig_timeout: float = 0.1
+    rig_options: str = "{}"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "NodeParams":
@@ -117,9 +123,54 @@ class NodeParams:
                              "publishers of one transform fight")
         if self.amcl_seeding and not self.initialpose_topic.strip():
             raise ValueError("amcl_seeding needs initialpose_topic")
+        self._validate_rig()
         self.estimator_options_dict()
         self.localizer_options_dict()
         self.tracker_config()
+
+    def _validate_rig(self) -> None:
+        names = list(self.cameras)
+        for n in names:
+            if not _CAMERA_NAME.match(n):
+                raise ValueError(f"cameras: {n!r} is not a camera namespace (letters, digits, '_', "
+                                 f"'/'-separated, e.g. 'front' or 'rig/front')")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"cameras must be unique, repeated: {dup}")
+        if self.camera_transports:
+            if len(self.camera_transports) != len(names):
+                raise ValueError(f"camera_transports must be empty or name one transport per camera "
+                                 f"({len(names)} cameras, {len(self.camera_transports)} transports)")
+            for t in self.camera_transports:
+                _choice("camera_transports", t, IMAGE_TRANSPORTS)
+        for name in ("rig_sync_window", "rig_timeout"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        if self.rig_sync_window <= 0:
+            raise ValueError(f"rig_sync_window must be > 0 s, got {self.rig_sync_window}")
+        if names:
+            if not self.base_frame.strip("/ "):
+                raise ValueError("cameras needs base_frame: the rig pose is the body's, each camera's "
+                                 "extrinsic is the TF base_frame <- its image frame_id")
+            if self.camera_frame.strip():
+                raise ValueError("camera_frame must be empty with cameras: each camera's frame is its "
+                                 "image header's frame_id")
+        if names or _mapping("rig_options", self.rig_options):
+            self.rig_config()
+
+    def rig_config(self):
+        """``rig_options`` -> a validated reloc_ros.rig.RigConfig."""
+        from reloc_ros.config import from_dict
+        from reloc_ros.rig import RigConfig
+
+        cfg = from_dict(RigConfig, _mapping("rig_options", self.rig_options), "rig_options")
+        cfg.validate()
+        return cfg
+
+    def camera_transport(self, i: int) -> str:
+        """Transport of camera i (``camera_transports[i]``, else ``image_transport``)."""
+        return self.camera_transports[i] if self.camera_transports else self.image_transport
 
     def estimator_options_dict(self) -> Dict[str, Any]:
         """``estimator_options`` parsed (YAML/JSON mapping) -> dict; ValueError if not a mapping."""
@@ -219,10 +270,26 @@ PARAM_DOCS: Dict[str, str] = {
     "publish_markers": "Publish visualization_msgs/MarkerArray on ~/markers (used keyframes, estimate).",
     "diagnostics_period": "Seconds between /diagnostics messages (also sent at once when the status changes).",
     "input_timeout": "Seconds without an image after which diagnostics warns of a stalled input (0: never).",
+    "cameras": "Multi-camera rig: camera namespaces, e.g. [front, left, right]; camera <name> is read on "
+               "'<name>/image' (or '<name>/image/compressed') and '<name>/camera_info', its extrinsic from "
+               "the TF base_frame <- the image's frame_id at the image stamp. Frames are grouped into "
+               "captures by stamp and one body pose is estimated from all cameras (reloc_ros.rig). Empty "
+               "(default): one camera on 'image' and 'camera_info'.",
+    "camera_transports": "Per-camera transport with cameras, raw or compressed, one per camera in the same "
+                         "order. Empty: every camera uses image_transport.",
+    "rig_sync_window": "Largest stamp difference (s) of two frames of one rig capture (approximate-time "
+                       "grouping, as message_filters' slop); keep it under half the frame period.",
+    "rig_timeout": "Seconds (arrival time) a rig capture waits for missing cameras after its first frame; "
+                   "then it is localized with the cameras present.",
+    "rig_options": "Rig localization options (reloc_ros.rig.RigConfig) as a YAML/JSON mapping string, e.g. "
+                   "\"{extrinsic_rotation_std_deg: 0.1, extrinsic_translation_std_m: 0.002}\".",
 }
 
 # Parameters that may change at run time; the rest are read-only after start.
 DYNAMIC_PARAMS = frozenset({"map_path"})
+
+
+_CAMERA_NAME = re.compile(r"^/?[A-Za-z][A-Za-z0-9_]*(/[A-Za-z][A-Za-z0-9_]*)*$")
 
 
 def _choice(name: str, value: str, choices) -> None:
@@ -243,6 +310,16 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name} must be a number, got {value!r}")
         return float(value)
+    if kind is tuple:
+        # ROS declares an empty list as a byte array and reads `[]` from a params file as
+        # "not set" (None); a launch argument may come as one string
+        if value is None or (isinstance(value, (bytes, bytearray)) and not value):
+            return ()
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{name} must be a list of strings, got {value!r}")
+        return tuple(value)
     if not isinstance(value, str):
         raise ValueError(f"{name} must be a string, got {value!r}")
     return value
@@ -265,19 +342,80 @@ def declare_params(node) -> NodeParams:
 
     Raises ValueError on a bad value; the node should refuse to start then.
     """
+    declare_param_descriptors(node)
+    return read_params(node)
+
+
+def declare_param_descriptors(node) -> None:
+    """Declare every parameter (default, description, read-only flag) without validating values."""
     from rcl_interfaces.msg import ParameterDescriptor
 
-    values: Dict[str, Any] = {}
     defaults = NodeParams()
     for f in fields(NodeParams):
         default = getattr(defaults, f.name)
         # dynamic typing lets `-p max_rate:=2` (an integer) set a float parameter; from_dict
         # then checks every type, so nothing unchecked gets through.
+        # (lists too: rclpy types an empty list as a byte array, which a string list must replace)
         desc = ParameterDescriptor(description=PARAM_DOCS[f.name], read_only=f.name not in DYNAMIC_PARAMS,
-                                   dynamic_typing=isinstance(default, float))
-        p = node.declare_parameter(f.name, default, desc)
-        values[f.name] = p.value
-    return NodeParams.from_dict(values)
+                                   dynamic_typing=isinstance(default, (float, tuple)))
+        node.declare_parameter(f.name, list(default) if isinstance(default, tuple) else default, desc)
+
+
+def read_params(node) -> NodeParams:
+    """The node's current parameter values, validated (ValueError naming the bad one)."""
+    return NodeParams.from_dict({f.name: node.get_parameter(f.name).value for f in fields(NodeParams)})
+
+
+def params_from_file(path: str, node_name: str = "reloc_node") -> Dict[str, Any]:
+    """The NodeParams entries of a ROS parameters YAML file for ``node_name``.
+
+    Reads the ``/**`` wildcard block and the node's own block (the node's wins), as rcl does
+    for a node without a namespace. Other entries (use_sim_time, qos_overrides) are left out.
+    ValueError when the file is missing or not a parameters file.
+    """
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ValueError(f"cannot read params_file {path!r}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"params_file {path!r} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"params_file {path!r} is not a ROS parameters file (a mapping of node names)")
+    names = {f.name for f in fields(NodeParams)}
+    out: Dict[str, Any] = {}
+    for key in ("/**", node_name, "/" + node_name):
+        block = doc.get(key)
+        if isinstance(block, dict) and isinstance(block.get("ros__parameters"), dict):
+            out.update({k: v for k, v in block["ros__parameters"].items() if k in names})
+    return out
+
+
+def check_launch_params(params_file: str, overrides: Mapping[str, Any], require_map: bool = True) -> NodeParams:
+    """What a launch file checks before it starts the node, so wrong arguments fail at once.
+
+    ``params_file`` merged with ``overrides`` (launch arguments) must validate as NodeParams,
+    name a known estimator, and (with ``require_map``) point map_path at a reloc-map directory
+    (one with a manifest.json; its contents are checked when the node loads it). Raises
+    ValueError with a message meant for the operator.
+    """
+    import os
+
+    d = params_from_file(params_file)
+    d.update(overrides)
+    p = NodeParams.from_dict(d)
+    from reloc_ros.estimators import available
+
+    if p.estimator not in available():
+        raise ValueError(f"unknown estimator {p.estimator!r}: choose one of {available()}")
+    if require_map:
+        if not p.map_path:
+            raise ValueError("no map: pass map:=<directory built by reloc-map> (or set map_path in params_file)")
+        if not os.path.isdir(p.map_path):
+            raise ValueError(f"map {p.map_path!r} does not exist (pass map:=<directory built by reloc-map>)")
+        if not os.path.isfile(os.path.join(p.map_path, "manifest.json")):
+            raise ValueError(f"map {p.map_path!r} is not a reloc-map output directory (no manifest.json)")
+    return p
 
 
 def render_yaml() -> str:
@@ -299,6 +437,7 @@ def render_yaml() -> str:
     for f in fields(NodeParams):
         v = getattr(d, f.name)
         lines += ["    # " + line for line in textwrap.wrap(PARAM_DOCS[f.name], 92)]
-        text = ("true" if v else "false") if isinstance(v, bool) else json.dumps(v) if isinstance(v, str) else repr(v)
+        text = (("true" if v else "false") if isinstance(v, bool) else json.dumps(v) if isinstance(v, str)
+                else json.dumps(list(v)) if isinstance(v, tuple) else repr(v))
         lines.append(f"    {f.name}: {text}")
     return "\n".join(lines) + "\n"
