@@ -55,6 +55,19 @@ class BagOptions:
     metres) paired with each image within depth_max_dt; its camera_info from
     depth_camera_info_topic (default: its namespace's camera_info, else the colour
     camera), T_cam_depth from TF between the two frame ids (identity if none).
+
+    Multi-camera rigs: image_topics lists several image topics (comma-separated or a
+    list); every image becomes a frame of its camera. camera_ids names the cameras, one
+    per topic (default: each topic's namespace, '/cam_front/image_raw' -> 'cam_front');
+    camera_info_topics gives their CameraInfo (default: '<namespace>/camera_info').
+    Each camera's extrinsic T_base_cam is read from the bag's /tf_static, base_frame ->
+    the image header's frame_id; the body pose T_world_base comes from pose_topic (the
+    pose of pose_child_frame / the message's child frame, carried to base_frame by TF;
+    without a child frame it is base_frame's) or from TF tf_parent -> base_frame, and
+    T_world_cam = T_world_base @ T_base_cam. Names are '<camera_id>/<index>' with the
+    index in that camera's image list (``frames`` slices every camera's list); keyframes
+    are selected per camera on the body pose, so synchronised cameras keep the same
+    captures.
     """
 
     image_topic: Optional[str] = None
@@ -76,8 +89,31 @@ class BagOptions:
     depth_camera_info_topic: Optional[str] = None
     depth_scale: float = 0.001
     depth_max_dt: float = 0.02
+    image_topics: Optional[Any] = None
+    camera_ids: Optional[Any] = None
+    camera_info_topics: Optional[Any] = None
+    base_frame: str = "base_link"
 
     def validate(self) -> None:
+        if self.image_topics is not None:
+            topics = _name_list(self.image_topics, "image_topics")
+            if not topics:
+                raise ValueError("bag dataset: image_topics lists no topic")
+            for key in ("camera_ids", "camera_info_topics"):
+                val = getattr(self, key)
+                if val is not None and len(_name_list(val, key)) != len(topics):
+                    raise ValueError(f"bag dataset: {key} must name one entry per image topic "
+                                     f"({len(topics)} topics, {len(_name_list(val, key))} entries)")
+            clash = [k for k in ("image_topic", "camera_info_topic", "fx", "T_body_cam", "tf_child", "depth_topic")
+                     if getattr(self, k) is not None]
+            if clash:
+                raise ValueError(f"bag dataset: {', '.join(clash)} cannot be combined with image_topics (a rig "
+                                 "takes each camera's intrinsics from its camera_info and its mount from "
+                                 "/tf_static)")
+            if not _frame_id(str(self.base_frame)):
+                raise ValueError("bag dataset: base_frame must be a frame id")
+        elif self.camera_ids is not None or self.camera_info_topics is not None:
+            raise ValueError("bag dataset: camera_ids and camera_info_topics need image_topics")
         if self.pose_topic and self.tf_parent:
             raise ValueError("bag dataset: give pose_topic or tf_parent, not both")
         given = [v is not None for v in (self.fx, self.fy, self.cx, self.cy)]
@@ -87,6 +123,20 @@ class BagOptions:
             raise ValueError("bag dataset: max_gap, depth_max_dt and depth_scale must be > 0")
         if self.kf_min_dist < 0 or self.kf_min_angle_deg < 0:
             raise ValueError("bag dataset: kf_min_dist and kf_min_angle_deg must be >= 0")
+
+
+def _name_list(value: Any, key: str) -> List[str]:
+    """Topic or camera names from 'a,b,c' (a CLI string) or a list of strings."""
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ValueError(f"bag dataset: {key} must be a comma-separated string or a list, got {value!r}")
+    out = [str(v).strip() for v in items]
+    if any(not v for v in out):
+        raise ValueError(f"bag dataset: {key} has an empty entry: {value!r}")
+    return out
 
 
 # --------------------------------------------------------------------------- messages
@@ -694,6 +744,8 @@ def _read(reader, path: Path, sl: slice, use_depth: bool, opts: BagOptions) -> D
     topics: Dict[str, str] = {}
     for c in reader.connections:
         topics.setdefault(c.topic, c.msgtype)
+    if opts.image_topics is not None:
+        return _read_rig(reader, topics, path, sl, opts)
     tp = _choose_topics(topics, path, use_depth, opts)
     sc = _scan(reader, path, tp, opts)
     if not sc.images:
@@ -742,3 +794,215 @@ def _read(reader, path: Path, sl: slice, use_depth: bool, opts: BagOptions) -> D
                     path, len(keep), len(kept), opts.kf_min_dist, opts.kf_min_angle_deg)
         kept = [kept[i] for i in keep]
     return Dataset("bag", path, kept, skipped, use_depth, handle.close)
+
+
+# --------------------------------------------------------------------------- multi-camera rigs
+
+
+@dataclass
+class _RigCam:
+    camera_id: str
+    image: str
+    image_type: str
+    info: str
+    images: List[_ImgMeta] = field(default_factory=list)
+    infos: List[Tuple[int, Camera]] = field(default_factory=list)
+    bad_info: Optional[InvalidInputError] = None
+
+
+def _camera_id_for(topic: str) -> str:
+    """'/cam_front/image_raw[/compressed]' -> 'cam_front' (the node's camera namespace)."""
+    base = topic[: -len("/compressed")] if topic.endswith("/compressed") else topic
+    ns = base.rsplit("/", 1)[0].strip("/")
+    return ns or base.strip("/")
+
+
+def _rig_cameras(topics: Dict[str, str], path: Path, opts: BagOptions) -> List[_RigCam]:
+    images = _name_list(opts.image_topics, "image_topics")
+    ids = _name_list(opts.camera_ids, "camera_ids") if opts.camera_ids is not None else \
+        [_camera_id_for(t) for t in images]
+    infos = _name_list(opts.camera_info_topics, "camera_info_topics") if opts.camera_info_topics is not None \
+        else [None] * len(images)
+    dup = sorted({c for c in ids if ids.count(c) > 1})
+    if dup:
+        raise InvalidInputError(f"{path}: camera ids {dup} repeat (from image_topics {images}); "
+                                "name the cameras with camera_ids=")
+    if len(set(images)) != len(images):
+        raise InvalidInputError(f"{path}: image_topics lists a topic twice: {images}")
+    out = []
+    for cid, image, info in zip(ids, images, infos):
+        _pick_topic(topics, image, IMAGE_TYPES, "image", path)
+        if info is None:
+            info = _camera_info_for(image)
+            if topics.get(info) != INFO_TYPE:
+                raise InvalidInputError(f"{path}: camera {cid!r}: no CameraInfo topic {info} for {image}; "
+                                        "pass camera_info_topics= (one per image topic)")
+        else:
+            _pick_topic(topics, info, (INFO_TYPE,), "camera_info", path)
+        out.append(_RigCam(cid, image, topics[image], info))
+    return out
+
+
+def _scan_rig(reader, path: Path, cams: List[_RigCam], pose_topic: Optional[str], opts: BagOptions) -> _Scan:
+    """One pass: every camera's image metadata (no pixels) and camera_info, poses, TF."""
+    by_image = {c.image: c for c in cams}
+    by_info: Dict[str, List[_RigCam]] = defaultdict(list)
+    for c in cams:
+        by_info[c.info].append(c)  # two cameras may share one camera_info topic
+    wanted = set(by_image) | set(by_info) | ({pose_topic} if pose_topic else set())
+    conns = [c for c in reader.connections if c.topic in wanted or c.msgtype == TF_TYPE]
+    sc = _Scan(TfTree(int(round(opts.max_gap * 1e9))))
+    seen_at: Dict[Tuple[str, int], int] = defaultdict(int)
+    try:
+        for conn, log_ns, raw in reader.messages(connections=conns):
+            topic = conn.topic
+            ordinal = seen_at[(topic, log_ns)]
+            seen_at[(topic, log_ns)] += 1
+            msg = reader.deserialize(raw, conn.msgtype)
+            if conn.msgtype == TF_TYPE:
+                static = topic.rstrip("/").endswith("tf_static")
+                for ts in msg.transforms:
+                    sc.tf.add(ts.header.frame_id, ts.child_frame_id, stamp_ns(ts, log_ns),
+                              _transform_to_T(ts.transform.translation, ts.transform.rotation), static)
+                continue
+            if topic in by_image:
+                c = by_image[topic]
+                size = None if c.image_type.endswith("CompressedImage") else (int(msg.width), int(msg.height))
+                c.images.append(_ImgMeta(stamp_ns(msg, log_ns), log_ns, ordinal, _frame_id(msg.header.frame_id),
+                                         size))
+            if topic in by_info:
+                for c in by_info[topic]:
+                    try:
+                        c.infos.append((stamp_ns(msg, log_ns), camera_from_info(msg, f"{path} {topic}")))
+                    except InvalidInputError as e:
+                        c.bad_info = e
+            if topic == pose_topic:
+                T, parent, child = _pose_from_msg(msg, conn.msgtype)
+                sc.pose_t.append(stamp_ns(msg, log_ns))
+                sc.pose_T.append(T)
+                sc.pose_frames.add(_frame_id(parent))
+                if child:
+                    sc.pose_child = _frame_id(child)
+    except InvalidInputError:
+        raise
+    except Exception as e:  # rosbags raises several unrelated types for damaged bags
+        raise InvalidInputError(f"{path}: cannot read bag ({type(e).__name__}: {e})") from None
+    sc.tf.freeze()
+    for c in cams:
+        c.infos.sort(key=lambda x: x[0])
+        c.images.sort(key=lambda m: (m.stamp, m.log_ns, m.ordinal))
+    return sc
+
+
+def _static_extrinsic(tf: TfTree, base: str, frame: str) -> Optional[np.ndarray]:
+    """T_base_frame [4, 4] through /tf_static edges only (a mount is fixed), or None."""
+
+    def up(f: str) -> List[Tuple[str, np.ndarray]]:
+        chain, acc = [(f, np.eye(4))], np.eye(4)
+        while f in tf.static and tf.static[f][0] not in [c for c, _ in chain]:
+            parent, T = tf.static[f]
+            acc = T @ acc
+            f = parent
+            chain.append((f, acc))
+        return chain  # (ancestor, T_ancestor_start)
+
+    from_base = dict(up(base))
+    for anc, T_anc_frame in up(frame):
+        if anc in from_base:
+            return invert(from_base[anc]) @ T_anc_frame
+    return None
+
+
+def _rig_extrinsic(sc: _Scan, path: Path, cam: _RigCam, base: str) -> Tuple[str, np.ndarray]:
+    frames = sorted({m.frame for m in cam.images})
+    if len(frames) != 1 or not frames[0]:
+        raise InvalidInputError(f"{path}: camera {cam.camera_id!r} ({cam.image}): its images must all carry one "
+                                f"header frame_id (the camera optical frame), found {frames}")
+    frame = frames[0]
+    T = _static_extrinsic(sc.tf, base, frame)
+    if T is None:
+        dyn = " (TF has a path, but not through /tf_static alone: a camera mount must be static)" \
+            if sc.tf.connected(base, frame) else ""
+        raise InvalidInputError(
+            f"{path}: camera {cam.camera_id!r} ({cam.image}): no extrinsic, /tf_static has no transform "
+            f"{base!r} -> {frame!r}{dyn}; record the camera mount on /tf_static or set base_frame")
+    return frame, T
+
+
+def _check_body_source(sc: _Scan, path: Path, pose_topic: Optional[str], opts: BagOptions) -> None:
+    """InvalidInputError when the body pose source cannot reach base_frame at all."""
+    base = _frame_id(opts.base_frame)
+    if pose_topic:
+        body = _frame_id(opts.pose_child_frame) if opts.pose_child_frame else sc.pose_child
+        if body and body != base and not sc.tf.connected(body, base):
+            raise InvalidInputError(f"{path}: {pose_topic} gives the pose of {body!r} but TF has no path from it to "
+                                    f"base_frame {base!r}; set base_frame (the frame the camera mounts hang from) "
+                                    "or pose_child_frame")
+        return
+    parent = _frame_id(opts.tf_parent)
+    if parent not in sc.tf.frames():
+        raise InvalidInputError(f"{path}: tf_parent {parent!r} is not in TF (frames: {sorted(sc.tf.frames())})")
+    if not sc.tf.connected(parent, base):
+        raise InvalidInputError(f"{path}: base_frame {base!r} is not connected to tf_parent {parent!r} in TF")
+
+
+def _rig_body_poses(sc: _Scan, path: Path, pose_topic: Optional[str], stamps: np.ndarray, opts: BagOptions):
+    """T_world_base [M, 4, 4] at stamps [M] ns, ok [M], reasons (source checked by _check_body_source)."""
+    base = _frame_id(opts.base_frame)
+    if pose_topic:
+        # the pose topic's body is carried to base_frame exactly as to an image frame
+        return _poses_from_topic(sc, path, pose_topic, stamps, [base] * len(stamps), opts)
+    return sc.tf.lookup(_frame_id(opts.tf_parent), base, stamps)
+
+
+def _read_rig(reader, topics: Dict[str, str], path: Path, sl: slice, opts: BagOptions) -> Dataset:
+    """Every image of every camera of ``opts.image_topics`` as a posed frame (see BagOptions)."""
+    cams = _rig_cameras(topics, path, opts)
+    pose_topic = None
+    if opts.pose_topic or not opts.tf_parent:
+        try:
+            pose_topic = _pick_topic(topics, opts.pose_topic, POSE_TYPES, "pose", path)
+        except InvalidInputError as e:
+            if opts.pose_topic:
+                raise
+            raise InvalidInputError(f"{e}; or give tf_parent to take the body pose from TF") from None
+    sc = _scan_rig(reader, path, cams, pose_topic, opts)
+    base = _frame_id(opts.base_frame)
+    _check_body_source(sc, path, pose_topic, opts)
+    handle = BagHandle(path)
+    records, skipped = [], []
+    for ci, cam in enumerate(cams):
+        if not cam.images:
+            raise InvalidInputError(f"{path}: camera {cam.camera_id!r}: no messages on {cam.image}")
+        if not cam.infos:
+            raise (cam.bad_info or InvalidInputError(f"{path}: camera {cam.camera_id!r}: no usable message on "
+                                                     f"{cam.info}"))
+        _, T_base_cam = _rig_extrinsic(sc, path, cam, base)
+        chosen = select([(f"{cam.camera_id}/{k:06d}", m) for k, m in enumerate(cam.images)], sl)
+        stamps = np.asarray([m.stamp for _, m in chosen], dtype=np.int64)
+        T_wb, ok, why = _rig_body_poses(sc, path, pose_topic, stamps, opts) if len(chosen) else ([], [], [])
+        cam_records = []
+        for k, (name, meta) in enumerate(chosen):
+            if not ok[k]:
+                skipped.append((name, f"no body pose at t={meta.stamp * 1e-9:.9f}: {why[k]}"))
+                continue
+            camera = _camera_at(cam.infos, meta.stamp)
+            if meta.size is not None and meta.size != (camera.width, camera.height):
+                skipped.append((name, f"image is {meta.size[0]}x{meta.size[1]} but camera_info says "
+                                      f"{camera.width}x{camera.height}"))
+                continue
+            cam_records.append(FrameRecord(
+                name=name, T_world_cam=T_wb[k] @ T_base_cam, camera=camera,
+                image=BagImage(handle, cam.image, meta.log_ns, meta.ordinal), stamp=meta.stamp * 1e-9,
+                camera_id=cam.camera_id, T_world_base=np.array(T_wb[k])))
+        kept, skipped = drop_invalid_poses("bag", path, cam_records, skipped)
+        if opts.kf_select and kept:
+            # on the body pose: every camera of a synchronised rig keeps the same captures
+            keep = select_keyframes(np.stack([r.T_world_base for r in kept]), opts.kf_min_dist,
+                                    opts.kf_min_angle_deg)
+            logger.info("%s: camera %s: %d of %d posed images kept as keyframes", path, cam.camera_id, len(keep),
+                        len(kept))
+            kept = [kept[i] for i in keep]
+        records += [(r.stamp, ci, r) for r in kept]
+    records.sort(key=lambda x: (x[0], x[1]))
+    return Dataset("bag", path, [r for _, _, r in records], skipped, False, handle.close)

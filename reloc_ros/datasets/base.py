@@ -398,6 +398,9 @@ class FrameRecord:
     zero-argument callables that decode on demand (depth: [Hd, Wd] float32 metres).
     depth_camera: None means "registered to the colour image" (the colour camera
     rescaled to the depth size). T_cam_depth: [4, 4] depth -> colour camera (None = I).
+    camera_id: the rig camera that took the frame (None for single-camera sources);
+    T_world_base: [4, 4] body (rig) pose at that moment, body-to-world, or None. Frames
+    with a camera_id decode to ``reloc_ros.rig.RigFrame``, which maps record per keyframe.
     """
 
     name: str
@@ -408,6 +411,8 @@ class FrameRecord:
     depth: Optional[Callable[[], np.ndarray]] = None
     depth_camera: Optional[Camera] = None
     T_cam_depth: Optional[np.ndarray] = None
+    camera_id: Optional[str] = None
+    T_world_base: Optional[np.ndarray] = None
 
 
 class Dataset:
@@ -461,6 +466,20 @@ class Dataset:
     def stamps(self) -> List[Optional[float]]:
         """Capture time of each frame in seconds, or None where the source has none."""
         return [r.stamp for r in self._records]
+
+    @property
+    def camera_ids(self) -> List[Optional[str]]:
+        """Rig camera of each frame (None where the source names none)."""
+        return [r.camera_id for r in self._records]
+
+    @property
+    def base_poses(self) -> np.ndarray:
+        """[N, 4, 4] float64 T_world_base (body-to-world) of each frame; NaN where unknown."""
+        out = np.full((len(self._records), 4, 4), np.nan)
+        for i, r in enumerate(self._records):
+            if r.T_world_base is not None:
+                out[i] = r.T_world_base
+        return out
 
     @property
     def skipped(self) -> List[Tuple[str, str]]:
@@ -549,6 +568,14 @@ class Dataset:
                         f"{depth_cam.width}x{depth_cam.height}")
             T_cd = np.eye(4) if r.T_cam_depth is None else np.array(r.T_cam_depth, dtype=np.float64)
         # copies, so a caller rescaling a frame's K in place cannot change the dataset
+        if r.camera_id is not None:
+            from reloc_ros.rig import RigFrame  # lazily: the rig pulls in the localizer stack
+
+            return RigFrame(name=r.name, image=image, T_world_cam=np.array(r.T_world_cam, dtype=np.float64),
+                            camera=_copy_camera(r.camera), depth=depth, depth_camera=_copy_camera(depth_cam),
+                            T_cam_depth=T_cd, stamp=r.stamp, camera_id=r.camera_id,
+                            T_world_base=None if r.T_world_base is None
+                            else np.array(r.T_world_base, dtype=np.float64))
         return PosedFrame(name=r.name, image=image, T_world_cam=np.array(r.T_world_cam, dtype=np.float64),
                           camera=_copy_camera(r.camera), depth=depth, depth_camera=_copy_camera(depth_cam),
                           T_cam_depth=T_cd, stamp=r.stamp)
@@ -573,10 +600,17 @@ def drop_invalid_poses(fmt: str, root: Path, records: Sequence[FrameRecord],
                 T = clean_pose(r.T_world_cam, f"pose of {r.name}")
             except InvalidInputError as e:
                 why = str(e)
+        T_wb = r.T_world_base
+        if why is None and T_wb is not None:
+            why = pose_problem(T_wb)
+            if why is None:
+                T_wb = clean_pose(T_wb, f"body pose of {r.name}")
+            else:
+                why = f"body pose T_world_base: {why}"
         if why is not None:
             skipped.append((r.name, why))
             continue
-        kept.append(dataclasses.replace(r, T_world_cam=T))
+        kept.append(dataclasses.replace(r, T_world_cam=T, T_world_base=T_wb))
     for name, why in skipped[:10]:
         logger.warning("%s dataset %s: skipping frame %s: %s", fmt, root, name, why)
     if len(skipped) > 10:

@@ -12,7 +12,10 @@
       depth/<name>.png|.npy        optional: uint16 * depth_scale metres, or float32 metres
       depth_intrinsics.txt         optional, as intrinsics.txt (default: registered to colour)
       depth_extrinsics.txt         optional "<name|*> <16 numbers>" T_cam_depth (default I)
-      dataset.yaml                 optional: {format: reloc_ros-folder, version: 1, depth_scale: ...}
+      dataset.yaml                 optional: {format: reloc_ros-folder, version: 1|2, depth_scale: ...}
+      camera_ids.txt               optional "<name> <camera id>": the rig camera of each frame
+      base_poses.txt               optional "<name> <16 or 12 numbers>": T_world_base (body pose)
+      rig.yaml                     optional: cameras: {<id>: {intrinsics: {...}, T_base_cam: [16]}}
 """
 from __future__ import annotations
 
@@ -30,11 +33,19 @@ import numpy as np
 from reloc_ros.datasets.base import (
     Dataset, FileDepth, FileImage, FrameRecord, as_matrix4, camera_from_values, clean_pose, finalize, list_images,
     parse_float, read_matrix_file, read_text, read_yaml_mapping, require_dir, select, strip_comment)
+from reloc_ros.geometry import invert
 from reloc_ros.types import Camera, InvalidInputError, PosedFrame
 
 logger = logging.getLogger("reloc_ros.datasets")
 
-FOLDER_FORMAT_VERSION = 1
+FOLDER_FORMAT_VERSION = 2
+"""Newest version this reader reads. Version 2 adds the rig files (camera_ids.txt,
+base_poses.txt, rig.yaml); the writer stamps 1 on folders without them, so older readers
+still read those."""
+
+# |T_world_cam - T_world_base @ T_base_cam| allowed where a folder gives all three
+# (text files carry full repr precision; this only catches a wrong mount or pose).
+RIG_CONSISTENCY_TOL = 1e-6
 
 
 @dataclass
@@ -114,6 +125,68 @@ def _read_cameras(root: Path, stem: str, required: bool) -> Dict[str, Camera]:
     return {}
 
 
+def _named_words(path: Path, what: str) -> Dict[str, Tuple[int, List[str]]]:
+    """name -> (line number, words) of '<name> words...' lines ('#' starts a comment)."""
+    out: Dict[str, Tuple[int, List[str]]] = {}
+    for ln, line in enumerate(read_text(path, what).splitlines(), start=1):
+        s = strip_comment(line)
+        if not s:
+            continue
+        tok = s.split()
+        if tok[0] in out:
+            raise InvalidInputError(f"{path}:{ln}: {tok[0]!r} is listed twice")
+        out[tok[0]] = (ln, tok[1:])
+    return out
+
+
+@dataclass
+class _RigSpec:
+    """What a folder says about its rig: frame -> camera id, frame -> T_world_base,
+    camera id -> intrinsics / T_base_cam (each may be empty)."""
+
+    camera_of: Dict[str, str]
+    base_pose: Dict[str, np.ndarray]
+    intrinsics: Dict[str, Camera]
+    T_base_cam: Dict[str, np.ndarray]
+
+
+def _read_rig(root: Path) -> _RigSpec:
+    spec = _RigSpec({}, {}, {}, {})
+    ids_txt = root / "camera_ids.txt"
+    if ids_txt.is_file():
+        for name, (ln, words) in _named_words(ids_txt, "camera ids file").items():
+            if len(words) != 1:
+                raise InvalidInputError(f"{ids_txt}:{ln}: expected '<name> <camera id>', found {len(words)} "
+                                        "words after the name")
+            spec.camera_of[name] = words[0]
+    base_txt = root / "base_poses.txt"
+    if base_txt.is_file():
+        for name, (ln, v) in _named_rows(base_txt, "body poses file").items():
+            if len(v) not in (12, 16):
+                raise InvalidInputError(f"{base_txt}:{ln}: expected 16 (or 12) numbers after the name, found "
+                                        f"{len(v)}; the file is truncated or corrupt")
+            spec.base_pose[name] = as_matrix4(v, f"{base_txt}:{ln}")
+    rig_yaml = root / "rig.yaml"
+    if rig_yaml.is_file():
+        data = read_yaml_mapping(rig_yaml, "rig.yaml", "a mapping with 'cameras'")
+        cams = data.get("cameras") or {}
+        if not isinstance(cams, dict):
+            raise InvalidInputError(f"{rig_yaml}: 'cameras' must map camera ids to {{intrinsics, T_base_cam}}")
+        for cid, d in cams.items():
+            where = f"{rig_yaml}: cameras.{cid}"
+            if not isinstance(d, dict):
+                raise InvalidInputError(f"{where}: expected a mapping with intrinsics and/or T_base_cam")
+            if d.get("intrinsics") is not None:
+                spec.intrinsics[str(cid)] = _camera_from_mapping(d["intrinsics"], f"{where}.intrinsics")
+            if d.get("T_base_cam") is not None:
+                try:
+                    T = clean_pose(as_matrix4(d["T_base_cam"], f"{where}.T_base_cam"), f"{where}.T_base_cam")
+                except (TypeError, ValueError) as e:
+                    raise InvalidInputError(f"{where}.T_base_cam: expected 16 numbers ({e})") from None
+                spec.T_base_cam[str(cid)] = T
+    return spec
+
+
 def _lookup(table: dict, name: str):
     return table.get(name, table.get("*"))
 
@@ -152,7 +225,8 @@ def open_folder(src: Path, sl: slice, use_depth: bool, opts: FolderOptions) -> D
     names = [p.relative_to(img_dir).with_suffix("").as_posix() for p in images]
     poses_txt = root / "poses.txt"
     pose_rows = _named_rows(poses_txt, "poses file") if poses_txt.is_file() else None
-    cams = _read_cameras(root, "intrinsics", required=True)
+    rig = _read_rig(root)
+    cams = _read_cameras(root, "intrinsics", required=not rig.intrinsics)
     stamps = {n: v for n, (_, v) in _named_rows(root / "stamps.txt", "stamps file").items()} \
         if (root / "stamps.txt").is_file() else {}
     depth_dir = root / "depth"
@@ -163,24 +237,35 @@ def open_folder(src: Path, sl: slice, use_depth: bool, opts: FolderOptions) -> D
             depth_ext[n] = as_matrix4(v, f"{root / 'depth_extrinsics.txt'}:{ln}")
     records, skipped = [], []
     for path, name in select(list(zip(images, names)), sl):
+        cid = rig.camera_of.get(name)
+        T_wb = rig.base_pose.get(name)
+        T_bc = rig.T_base_cam.get(cid) if cid is not None else None
+        T = None
         if pose_rows is not None:
-            if name not in pose_rows:
-                skipped.append((name, f"no pose in {poses_txt.name}"))
-                continue
-            ln, v = pose_rows[name]
-            if len(v) not in (12, 16):
-                raise InvalidInputError(f"{poses_txt}:{ln}: expected 16 (or 12) numbers after the name, found "
-                                        f"{len(v)}; the file is truncated or corrupt")
-            T = as_matrix4(v, f"{poses_txt}:{ln}")
+            if name in pose_rows:
+                ln, v = pose_rows[name]
+                if len(v) not in (12, 16):
+                    raise InvalidInputError(f"{poses_txt}:{ln}: expected 16 (or 12) numbers after the name, found "
+                                            f"{len(v)}; the file is truncated or corrupt")
+                T = as_matrix4(v, f"{poses_txt}:{ln}")
         else:
             pose_file = path.with_name(path.stem + ".pose.txt")
-            if not pose_file.is_file():
-                skipped.append((name, f"no poses.txt and no {pose_file.name}"))
-                continue
-            T = read_matrix_file(pose_file)
-        cam = _lookup(cams, name)
+            if pose_file.is_file():
+                T = read_matrix_file(pose_file)
+        T, T_wb = _rig_poses(root, name, cid, T, T_wb, T_bc)
+        if T is None:
+            skipped.append((name, f"no pose in {poses_txt.name}" if pose_rows is not None
+                            else f"no poses.txt and no {path.stem}.pose.txt"))
+            continue
+        cam = cams.get(name)
+        if cam is None and cid is not None:
+            cam = rig.intrinsics.get(cid)
         if cam is None:
-            raise InvalidInputError(f"{root}: no intrinsics for image {name!r} (and no '*' default)")
+            cam = cams.get("*")
+        if cam is None:
+            raise InvalidInputError(f"{root}: no intrinsics for image {name!r} (no line of its own"
+                                    + (f", none for its camera {cid!r} in rig.yaml" if cid is not None else "")
+                                    + " and no '*' default)")
         stamp = None
         if name in stamps:
             if len(stamps[name]) != 1:
@@ -196,8 +281,27 @@ def open_folder(src: Path, sl: slice, use_depth: bool, opts: FolderOptions) -> D
                     T_cd = _lookup(depth_ext, name)
                     break
         records.append(FrameRecord(name=name, T_world_cam=T, camera=cam, image=FileImage(path), stamp=stamp,
-                                   depth=depth, depth_camera=depth_cam, T_cam_depth=T_cd))
+                                   depth=depth, depth_camera=depth_cam, T_cam_depth=T_cd, camera_id=cid,
+                                   T_world_base=T_wb))
     return finalize("folder", root, records, skipped, use_depth)
+
+
+def _rig_poses(root: Path, name: str, cid: Optional[str], T: Optional[np.ndarray], T_wb: Optional[np.ndarray],
+               T_bc: Optional[np.ndarray]) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """(T_world_cam, T_world_base) of a frame from what the folder gives: any two of the
+    camera pose, the body pose and its camera's mount give the third; all three must agree."""
+    if T_bc is None or not (np.all(np.isfinite(T_bc))):
+        return T, T_wb
+    if T is None and T_wb is not None:
+        return T_wb @ T_bc, T_wb
+    if T is not None and T_wb is None:
+        return T, (T @ invert(T_bc) if np.all(np.isfinite(T)) else None)
+    if T is not None and T_wb is not None and np.all(np.isfinite(T)) and np.all(np.isfinite(T_wb)):
+        err = float(np.abs(T_wb @ T_bc - T).max())
+        if err > RIG_CONSISTENCY_TOL:
+            raise InvalidInputError(f"{root}: frame {name!r} (camera {cid!r}): poses.txt disagrees with "
+                                    f"T_world_base @ T_base_cam (base_poses.txt, rig.yaml) by {err:.3g}")
+    return T, T_wb
 
 
 # --------------------------------------------------------------------------- writer
@@ -269,6 +373,8 @@ def write_folder_dataset(frames: Iterable[PosedFrame], out_dir, *, image_format:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         names, poses, cams, stamps, dcams, dexts = [], [], [], [], [], []
+        cam_ids: List[Optional[str]] = []
+        bases: List[Optional[np.ndarray]] = []
         seen = set()
         for k, f in enumerate(frames):
             what = f"frame {k} ({getattr(f, 'name', '?')!r})"
@@ -317,6 +423,12 @@ def write_folder_dataset(frames: Iterable[PosedFrame], out_dir, *, image_format:
                     raise InvalidInputError(f"{what}: depth is {depth.shape[1]}x{depth.shape[0]} but its camera "
                                             f"says {dcam.width}x{dcam.height}")
                 dext = np.eye(4) if f.T_cam_depth is None else clean_pose(f.T_cam_depth, f"{what} T_cam_depth")
+            cid = getattr(f, "camera_id", None)  # reloc_ros.rig.RigFrame
+            if cid is not None and (not isinstance(cid, str) or any(c.isspace() for c in cid) or cid.startswith("#")):
+                raise InvalidInputError(f"{what}: camera_id {cid!r} must be a string without whitespace")
+            cam_ids.append(cid or None)
+            tb = getattr(f, "T_world_base", None)
+            bases.append(None if tb is None else clean_pose(tb, f"{what} T_world_base"))
             names.append(f.name)
             poses.append(T)
             cams.append(f.camera)
@@ -329,7 +441,9 @@ def write_folder_dataset(frames: Iterable[PosedFrame], out_dir, *, image_format:
             fh.write("# <name> T_world_cam row-major 4x4 (camera-to-world, OpenCV axes, metres)\n")
             for n, T in zip(names, poses):
                 fh.write(n + " " + " ".join(_num(v) for v in T.ravel()) + "\n")
-        _write_cameras(tmp / "intrinsics.txt", names, cams)
+        in_rig = _write_rig(tmp, names, poses, cams, cam_ids, bases)
+        _write_cameras(tmp / "intrinsics.txt", [n for n in names if n not in in_rig],
+                       [c for n, c in zip(names, cams) if n not in in_rig])
         if any(s is not None for s in stamps):
             with open(tmp / "stamps.txt", "w") as fh:
                 fh.write("# <name> stamp in seconds\n")
@@ -348,7 +462,9 @@ def write_folder_dataset(frames: Iterable[PosedFrame], out_dir, *, image_format:
                     for n, _, e in with_depth:
                         fh.write(n + " " + " ".join(_num(v) for v in e.ravel()) + "\n")
         with open(tmp / "dataset.yaml", "w") as fh:
-            fh.write(f"format: reloc_ros-folder\nversion: {FOLDER_FORMAT_VERSION}\ndepth_scale: {_num(depth_scale)}\n")
+            # version 1 unless the rig files are used, so older readers read plain folders
+            version = 2 if any(c is not None for c in cam_ids) or any(b is not None for b in bases) else 1
+            fh.write(f"format: reloc_ros-folder\nversion: {version}\ndepth_scale: {_num(depth_scale)}\n")
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
@@ -359,9 +475,56 @@ def write_folder_dataset(frames: Iterable[PosedFrame], out_dir, *, image_format:
     return out
 
 
+def _write_rig(tmp: Path, names: List[str], poses: List[np.ndarray], cams: List[Camera],
+               cam_ids: List[Optional[str]], bases: List[Optional[np.ndarray]]) -> set:
+    """camera_ids.txt, base_poses.txt and rig.yaml (per-camera intrinsics where all of a
+    camera's frames share one, T_base_cam where every one of its frames gives the same
+    T_world_base^-1 T_world_cam). Returns the names whose intrinsics rig.yaml holds."""
+    import yaml
+
+    if any(c is not None for c in cam_ids):
+        with open(tmp / "camera_ids.txt", "w") as fh:
+            fh.write("# <name> <rig camera id>\n")
+            for n, c in zip(names, cam_ids):
+                if c is not None:
+                    fh.write(f"{n} {c}\n")
+    if any(b is not None for b in bases):
+        with open(tmp / "base_poses.txt", "w") as fh:
+            fh.write("# <name> T_world_base row-major 4x4 (body-to-world, metres)\n")
+            for n, b in zip(names, bases):
+                if b is not None:
+                    fh.write(n + " " + " ".join(_num(v) for v in b.ravel()) + "\n")
+    spec: Dict[str, dict] = {}
+    covered = set()
+    for cid in dict.fromkeys(c for c in cam_ids if c is not None):
+        idx = [k for k, c in enumerate(cam_ids) if c == cid]
+        entry: dict = {}
+        if all(_same_camera(cams[k], cams[idx[0]]) for k in idx):
+            cam = cams[idx[0]]
+            entry["intrinsics"] = {"width": int(cam.width), "height": int(cam.height), "fx": float(cam.K[0, 0]),
+                                   "fy": float(cam.K[1, 1]), "cx": float(cam.K[0, 2]), "cy": float(cam.K[1, 2])}
+            if cam.dist is not None:
+                entry["intrinsics"]["dist"] = [float(d) for d in cam.dist]
+            covered |= {names[k] for k in idx}
+        if all(bases[k] is not None for k in idx):
+            mounts = [invert(bases[k]) @ poses[k] for k in idx]
+            if max(float(np.abs(m - mounts[0]).max()) for m in mounts) < 1e-9:
+                entry["T_base_cam"] = [float(v) for v in mounts[0].ravel()]
+        if entry:
+            spec[cid] = entry
+    if spec:
+        with open(tmp / "rig.yaml", "w") as fh:
+            fh.write("# per rig camera: intrinsics (pixels) and T_base_cam (camera optical frame -> body, "
+                     "row-major 4x4, metres)\n")
+            yaml.safe_dump({"cameras": spec}, fh, sort_keys=False, default_flow_style=None)
+    return covered
+
+
 def _write_cameras(path: Path, names: List[str], cams: List[Camera]) -> None:
     with open(path, "w") as fh:
         fh.write("# <name|*> width height fx fy cx cy [OpenCV distortion k1 k2 p1 p2 ...] (pixels)\n")
+        if not cams:
+            return
         if all(_same_camera(c, cams[0]) for c in cams):
             fh.write(_camera_line("*", cams[0]) + "\n")
         else:
