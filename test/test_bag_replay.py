@@ -213,15 +213,19 @@ def test_replay_process_sends_recorded_bytes_clock_and_latched_tf_static(bag, tm
     apply_env(env)
     lis = _Listener(int(env["ROS_DOMAIN_ID"]))
     log = open(tmp_path / "replay.log", "wb")
-    proc = subprocess.Popen(_replay_cmd(bag.path, "--start-offset", f"{bag.lap_offset_s(1)}", "--rate", "2",
+    # Rate 1 (4 s of playback): the late /tf_static subscriber must be discovered while the
+    # player is still alive (a transient-local sample dies with its writer); the delay lets
+    # this process's reader match the player's writer before the first image.
+    proc = subprocess.Popen(_replay_cmd(bag.path, "--start-offset", f"{bag.lap_offset_s(1)}", "--rate", "1",
                                         "--topics", "/camera/image_raw", "/tf_static", "/tf",
-                                        "--wait-for", "/camera/image_raw", "/clock", "--delay", "0.5"),
+                                        "--wait-for", "/camera/image_raw", "/clock", "--delay", "1.0"),
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         assert _wait(lambda: len(lis.images) > 0, 30.0), "no image from the player"
         lis.subscribe_tf_static()  # late: only transient-local durability delivers it now
         rc = proc.wait(timeout=30.0)
-        assert _wait(lambda: len(lis.images) == FRAMES and lis.tf_static, 5.0)
+        assert _wait(lambda: len(lis.images) == FRAMES, 5.0), f"{len(lis.images)} of {FRAMES} images"
+        assert _wait(lambda: bool(lis.tf_static), 5.0), "the late subscriber got no /tf_static"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -241,7 +245,7 @@ def test_replay_process_sends_recorded_bytes_clock_and_latched_tf_static(bag, tm
     assert clocks == sorted(clocks), "/clock went backwards"
     lap1 = bag.stamps_ns[FRAMES:]
     assert clocks[0] <= lap1[0] and clocks[-1] >= lap1[-1], "the clock does not cover the played bag time"
-    # rate 2 and 40 Hz ticks over 2 s of wall time, plus one per message: dozens, not thousands
+    # 40 Hz ticks over 4 s of wall time, plus one per message: dozens, not thousands
     assert 40 <= len(clocks) <= 300, len(clocks)
 
 

@@ -39,6 +39,7 @@ from reloc_ros.types import InvalidInputError
 logger = logging.getLogger("reloc_ros.replay")
 
 LATE_WARN_S = 0.1  # report messages published this much after they were due
+ACK_TIMEOUT_S = 2.0  # at the end, how long to wait for subscribers to acknowledge the last messages
 
 
 def message_class(msgtype: str):
@@ -190,8 +191,14 @@ class BagPlayer:
 
     def close(self) -> None:
         import rclpy
+        from rclpy.duration import Duration
 
         node = getattr(self, "node", None)
+        if node is not None and self._ctx.ok():
+            # Reliable samples still in flight die with their writer (the last images of a
+            # pass on a loaded machine): wait, bounded, until the subscribers acknowledged them.
+            for pub in getattr(self, "_pubs", {}).values():
+                pub.wait_for_all_acked(Duration(seconds=ACK_TIMEOUT_S))
         if node is not None:
             node.destroy_node()
             self.node = None
