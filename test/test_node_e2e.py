@@ -474,11 +474,14 @@ def test_node_robustness_stamps_camera_info_and_reload(room, tmp_path):
         assert not fut.done(), f"~/enable waited for the map load ({hash_s:.2f} s of hashing)"
         assert rp.wait_for(lambda: fut.done(), 60.0) and fut.result().success, fut.result()
         # 4. A frame whose localization straddles a reload is discarded, not published.
+        # The swap comes at the end of the load: aim the frame at the hashing time, then
+        # earlier, then (a loaded machine stretches the load) later.
         discarded = 0
-        for attempt in range(6):
+        offsets = [hash_s - 0.1 * k for k in range(6)] + [hash_s + 0.1 * k for k in range(1, 5)]
+        for attempt, offset in enumerate(offsets):
             before = rp.diag.count("results_discarded_map_reloaded")
             fut = client.call_async(Trigger.Request())
-            time.sleep(max(hash_s - 0.1 * attempt, 0.0))  # the swap comes at the end of the load
+            time.sleep(max(offset, 0.0))
             stamp = rp.publish_frame(10 + attempt, q.image, q.camera, q.T_world_cam)
             assert rp.wait_for(lambda: fut.done(), 60.0) and fut.result().success
             time.sleep(1.5)
@@ -486,6 +489,6 @@ def test_node_robustness_stamps_camera_info_and_reload(room, tmp_path):
             if discarded:
                 assert stamp not in rp.raw_poses and stamp not in rp.poses, "a discarded result was published"
                 break
-        assert discarded == 1, "no frame straddled a reload in 6 attempts (timing); nothing was tested"
+        assert discarded == 1, f"no frame straddled a reload in {len(offsets)} attempts (timing); nothing was tested"
         rp.node.destroy_client(client)
         assert node.alive()
