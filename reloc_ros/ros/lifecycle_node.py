@@ -24,7 +24,10 @@ from __future__ import annotations
 import sys
 import traceback
 
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.lifecycle.node import LifecycleNodeMixin
+from rclpy.node import Node
 
 from reloc_ros.ros.node import OK, WARN, ConfigError, RelocCore, run_node
 from reloc_ros.ros.params import declare_param_descriptors, read_params
@@ -37,7 +40,10 @@ class RelocLifecycleNode(RelocCore, LifecycleNode):
     """The managed relocalization node; see the module docstring for the transitions."""
 
     def __init__(self, **node_kwargs) -> None:
-        LifecycleNode.__init__(self, "reloc_node", **node_kwargs)
+        # The lifecycle services get their own callback group: a deactivate must not wait
+        # behind parameter or other default-group callbacks to stop /tf.
+        Node.__init__(self, "reloc_node", **node_kwargs)
+        LifecycleNodeMixin.__init__(self, callback_group=MutuallyExclusiveCallbackGroup())
         # Values are read and checked in on_configure: a managed node reports a bad
         # configuration as a failed transition, not by dying.
         declare_param_descriptors(self)
