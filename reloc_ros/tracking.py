@@ -112,7 +112,7 @@ class TrackerConfig:
         Off by default: it pays on vehicles with a calibration error (KITTI with a 2 %,
         1 deg/m odometry: ~/pose 0.9 vs 2.1 cm), and costs where the fixes' own error
         is smooth and correlated along the path (7-Scenes' inconsistent ground truth
-        looks like an odometry bias to it: fused/raw 1.06 vs 0.85). docs/RESULTS.md.
+        looks like an odometry bias to it: fused/raw 1.04 vs 0.96). docs/RESULTS.md.
     """
 
     init_min_fixes: int = 2

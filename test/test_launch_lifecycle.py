@@ -143,7 +143,8 @@ def test_transitions(setup, launch_proc):
         before = [s for s in sent if s < t_req]
         print(f"deactivate: last map->odom sent {(last - t_req) / 1e6:+.1f} ms after the request, "
               f"response after {(t_resp - t_req) / 1e6:.1f} ms")
-        assert before and t_req - before[-1] < 3 * period_ns, "map->odom was not being re-broadcast before"
+        # the last fix was >= 0.5 s before the request: a transform inside that gap is a re-broadcast
+        assert before and t_req - before[-1] < 500_000_000, "map->odom was not being re-broadcast before"
         assert last <= t_resp, "map->odom was still sent after deactivate returned"
         assert last - t_req < period_ns, f"map->odom sent {(last - t_req) / 1e6:.0f} ms after deactivate was asked"
         assert _state(rp) == "inactive"

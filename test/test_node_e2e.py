@@ -437,7 +437,7 @@ def test_node_robustness_stamps_camera_info_and_reload(room, tmp_path):
 
     map_dir, queries = room
     slow, hash_s = _slow_copy(map_dir, tmp_path / "slow_map")
-    params = _params(map_dir, max_rate=2.0, camera_info_timeout=5.0)
+    params = _params(map_dir, max_rate=2.0, camera_info_timeout=10.0)
     with node_and_replayer(params, tmp_path) as (node, rp):
         q = queries[0]
         rp.wait_ready(60.0, camera=q.camera)
@@ -461,7 +461,8 @@ def test_node_robustness_stamps_camera_info_and_reload(room, tmp_path):
             t0 = time.monotonic()
             rp.publish_frame(k, q.image, q.camera, q.T_world_cam, send_info=False)
             assert rp.wait_for(lambda: processed() > n, 30.0)
-            assert time.monotonic() - t0 < 2.5, "the worker waited for a CameraInfo that never came"
+            # well under camera_info_timeout (10 s), with room for a loaded machine
+            assert time.monotonic() - t0 < 5.0, "the worker waited for a CameraInfo that never came"
         assert rp.diag.count("camera_info_unpaired") == 1  # gave up once, then used the latest
         assert rp.diag.values["last_result"] == "ok"
         # 3. A slow ~/reload_map does not block ~/enable (separate callback groups).
