@@ -29,25 +29,30 @@ def require_ros() -> None:
 
 @contextlib.contextmanager
 def node_and_replayer(params: Mapping[str, object], workdir: Path, compressed: bool = False,
-                      initialpose_topic: Optional[str] = None) -> Iterator[Tuple[object, object]]:
+                      initialpose_topic: Optional[str] = None, make_replayer=None,
+                      remaps: Optional[Mapping[str, str]] = REMAPS) -> Iterator[Tuple[object, object]]:
     """Start reloc_node (separate process, private localhost domain) and a Replayer talking to it.
 
-    Yields (NodeProcess, Replayer). On exit both are stopped; the node's log is printed so a
-    failing test shows it.
+    make_replayer(domain_id) builds another replayer (e.g. a RigReplayer) instead of the
+    single-camera one. Yields (NodeProcess, replayer). On exit both are stopped; the node's log
+    is printed so a failing test shows it.
     """
     from reloc_ros.demo.procs import NodeProcess, apply_env, isolated_ros_env
     from reloc_ros.demo.replay import Replayer
 
     env = isolated_ros_env()
     apply_env(env)  # the Fast DDS profile must be set before this process's first participant
-    node = NodeProcess(params, env, log_path=workdir / f"reloc_node_{time.monotonic_ns()}.log", remaps=REMAPS,
+    node = NodeProcess(params, env, log_path=workdir / f"reloc_node_{time.monotonic_ns()}.log", remaps=remaps,
                        workdir=workdir).start()
     rp = None
     rc = None
     try:
-        rp = Replayer(domain_id=int(env["ROS_DOMAIN_ID"]), compressed=compressed,
-                      image_topic=REMAPS["image/compressed" if compressed else "image"],
-                      initialpose_topic=initialpose_topic)
+        if make_replayer is not None:
+            rp = make_replayer(int(env["ROS_DOMAIN_ID"]))
+        else:
+            rp = Replayer(domain_id=int(env["ROS_DOMAIN_ID"]), compressed=compressed,
+                          image_topic=REMAPS["image/compressed" if compressed else "image"],
+                          initialpose_topic=initialpose_topic)
         yield node, rp
     finally:
         if rp is not None:

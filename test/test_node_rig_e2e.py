@@ -17,13 +17,11 @@ and right on /tf_static -- not back's; left publishes CompressedImage (PNG) with
 """
 from __future__ import annotations
 
-import contextlib
-import time
 
 import numpy as np
 import pytest
 
-from ros_helpers import require_ros
+from ros_helpers import node_and_replayer, require_ros
 
 require_ros()
 
@@ -50,26 +48,12 @@ def rig_world(tmp_path_factory):
     return map_dir, rig, poses, captures
 
 
-@contextlib.contextmanager
 def rig_node_and_replayer(params, workdir, rig, no_mount=(), compressed=()):
-    from reloc_ros.demo.procs import NodeProcess, apply_env, isolated_ros_env
+    """The node (no remaps: cameras subscribe under their namespaces) and a RigReplayer."""
     from reloc_ros.demo.rig_replay import RigReplayer
 
-    env = isolated_ros_env()
-    apply_env(env)
-    node = NodeProcess(params, env, log_path=workdir / f"reloc_node_{time.monotonic_ns()}.log",
-                       workdir=workdir).start()
-    rp, rc = None, None
-    try:
-        rp = RigReplayer(rig, no_mount=no_mount, compressed=compressed, compression="png",
-                         domain_id=int(env["ROS_DOMAIN_ID"]))
-        yield node, rp
-    finally:
-        if rp is not None:
-            rp.close()
-        rc = node.stop()
-        print(f"--- reloc_node log ({node.log_path}), exit code {rc} ---\n{node.log_tail(60)}")
-    assert rc == 0, f"reloc_node did not shut down cleanly on SIGINT (exit code {rc})"
+    return node_and_replayer(params, workdir, remaps=None, make_replayer=lambda domain_id: RigReplayer(
+        rig, no_mount=no_mount, compressed=compressed, compression="png", domain_id=domain_id))
 
 
 @pytest.fixture(scope="module")

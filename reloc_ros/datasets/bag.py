@@ -620,12 +620,7 @@ def _scan(reader, path: Path, tp: _Topics, opts: BagOptions) -> _Scan:
                     continue
                 (sc.infos if topic == tp.info else sc.depth_infos).append((stamp_ns(msg, log_ns), cam))
             elif topic == tp.pose:
-                T, parent, child = _pose_from_msg(msg, conn.msgtype)
-                sc.pose_t.append(stamp_ns(msg, log_ns))
-                sc.pose_T.append(T)
-                sc.pose_frames.add(_frame_id(parent))
-                if child:
-                    sc.pose_child = _frame_id(child)
+                _add_pose(sc, msg, conn.msgtype, log_ns)
     except InvalidInputError:
         raise
     except Exception as e:  # rosbags raises several unrelated types for damaged bags
@@ -635,6 +630,16 @@ def _scan(reader, path: Path, tp: _Topics, opts: BagOptions) -> _Scan:
     sc.depth_infos.sort(key=lambda x: x[0])
     sc.depths.sort(key=lambda m: (m.stamp, m.log_ns, m.ordinal))
     return sc
+
+
+def _add_pose(sc, msg, msgtype: str, log_ns: int) -> None:
+    """Append one pose-topic message (PoseStamped / Odometry / TransformStamped ...) to a scan."""
+    T, parent, child = _pose_from_msg(msg, msgtype)
+    sc.pose_t.append(stamp_ns(msg, log_ns))
+    sc.pose_T.append(T)
+    sc.pose_frames.add(_frame_id(parent))
+    if child:
+        sc.pose_child = _frame_id(child)
 
 
 def _camera_at(series: List[Tuple[int, Camera]], t: int) -> Camera:
@@ -877,12 +882,7 @@ def _scan_rig(reader, path: Path, cams: List[_RigCam], pose_topic: Optional[str]
                     except InvalidInputError as e:
                         c.bad_info = e
             if topic == pose_topic:
-                T, parent, child = _pose_from_msg(msg, conn.msgtype)
-                sc.pose_t.append(stamp_ns(msg, log_ns))
-                sc.pose_T.append(T)
-                sc.pose_frames.add(_frame_id(parent))
-                if child:
-                    sc.pose_child = _frame_id(child)
+                _add_pose(sc, msg, conn.msgtype, log_ns)
     except InvalidInputError:
         raise
     except Exception as e:  # rosbags raises several unrelated types for damaged bags

@@ -65,16 +65,8 @@ class FolderOptions:
 
 def _named_rows(path: Path, what: str) -> Dict[str, Tuple[int, List[float]]]:
     """name -> (line number, numbers) of '<name> numbers...' lines ('#' starts a comment)."""
-    out: Dict[str, Tuple[int, List[float]]] = {}
-    for ln, line in enumerate(read_text(path, what).splitlines(), start=1):
-        s = strip_comment(line)
-        if not s:
-            continue
-        tok = s.split()
-        if tok[0] in out:
-            raise InvalidInputError(f"{path}:{ln}: {tok[0]!r} is listed twice")
-        out[tok[0]] = (ln, [parse_float(t, f"{path}:{ln}") for t in tok[1:]])
-    return out
+    return {name: (ln, [parse_float(t, f"{path}:{ln}") for t in words])
+            for name, (ln, words) in _named_words(path, what).items()}
 
 
 def _cameras_from_txt(path: Path) -> Dict[str, Camera]:

@@ -391,6 +391,12 @@ class Replayer:
                 break
             self.resends += 1
             self.publish_frame(index, image, camera, T_world_cam, stamp_ns=stamp, **publish_kw)
+        return self.collect_outcome(out, before, timeout)
+
+    def collect_outcome(self, out: FrameOutcome, before: int, timeout: float) -> FrameOutcome:
+        """Wait until the node handled the input stamped ``out.stamp_ns`` (diagnostics counter
+        ``handled`` above ``before``, or a pose) and fill ``out`` with what it published for it."""
+        stamp = out.stamp_ns
         self.wait_for(lambda: stamp in self.poses or stamp in self.raw_poses
                       or (self.diag is not None and self.diag.handled > before), timeout)
         pose = self.wait_pose(stamp, 0.3)

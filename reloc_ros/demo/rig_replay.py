@@ -155,23 +155,7 @@ class RigReplayer(Replayer):
         with self._cond:
             before = self.diag.handled if self.diag is not None else 0
         stamp = self.publish_capture(index, T_world_base, images, **publish_kw)
-        out = FrameOutcome(index, f"capture{index}", stamp)
-        self.wait_for(lambda: stamp in self.poses or stamp in self.raw_poses
-                      or (self.diag is not None and self.diag.handled > before), timeout)
-        pose = self.wait_pose(stamp, 0.3)
-        self.wait_for(lambda: stamp in self.raw_poses, 0.3)
-        with self._cond:
-            raw = self.raw_poses.get(stamp)
-        if raw is not None:
-            out.T_map_base_raw, out.covariance_raw = raw[0], raw[1]
-        if pose is not None:
-            out.T_map_base, out.covariance = pose[0], pose[1]
-            out.latency_ms = (pose[2] - stamp) * 1e-6
-            out.T_map_odom = self.tf_newest(self.map_frame, self.odom_frame, pose[2], 1.0)
-        self.wait_for(lambda: self.diag is not None and self.diag.handled > before, 2.0)
-        with self._cond:
-            out.diagnostics = self.diag
-        return out
+        return self.collect_outcome(FrameOutcome(index, f"capture{index}", stamp), before, timeout)
 
 
 def capture_errors(out: FrameOutcome, T_world_base: np.ndarray) -> Dict[str, float]:
