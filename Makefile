@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared
 
-.PHONY: setup demo demo-rig test bench bench-covariance bench-sequence bench-node bench-models bench-rig bench-scale gpu-check clean
+.PHONY: setup demo demo-rig test bench bench-covariance bench-sequence bench-node bench-models bench-rig bench-scale gpu-check train-demo clean
 
 setup:
 	bash scripts/setup_env.sh $(VENV)
@@ -33,6 +33,10 @@ bench-rig: setup
 
 bench-scale: setup
 	$(PY) bench/bench_scale.py --shared $(SHARED)
+
+# trains the compact fused model from scratch on rendered rooms and measures it (issue 11 proof)
+train-demo: setup
+	$(PY) bench/bench_train.py --out out/train_demo
 
 # on a machine with an NVIDIA GPU (no package installs needed); DRY=1 runs the CPU dry mode
 gpu-check:

@@ -31,6 +31,7 @@ setup(
             "reloc-map = reloc_ros.cli.map_cli:main",
             "reloc-eval = reloc_ros.cli.eval_cli:main",
             "reloc-model = reloc_ros.cli.model_cli:main",
+            "reloc-train = reloc_ros.cli.train_cli:main",
             "reloc_node = reloc_ros.ros.node:main",
             "reloc_lifecycle_node = reloc_ros.ros.lifecycle_node:main",
             "reloc-demo = reloc_ros.demo.run:main",

@@ -62,11 +62,16 @@ def node_and_replayer(params: Mapping[str, object], workdir: Path, compressed: b
     assert rc == 0, f"reloc_node did not shut down cleanly on SIGINT (exit code {rc})"
 
 
-def call_service(rp, srv_type, name: str, request, timeout: float = 30.0):
-    """Call a service of the node from the replayer's context; fails the test on timeout."""
+def call_service(rp, srv_type, name: str, request, timeout: float = 30.0, on_ready=None):
+    """Call a service of the node from the replayer's context; fails the test on timeout.
+
+    on_ready: called once the new client has discovered the service, just before the
+    request goes out (discovery alone can take hundreds of ms on a loaded machine)."""
     client = rp.node.create_client(srv_type, name)
     try:
         assert client.wait_for_service(timeout_sec=timeout), f"service {name} not available"
+        if on_ready is not None:
+            on_ready()
         fut = client.call_async(request)
         end = time.monotonic() + timeout
         while not fut.done():
