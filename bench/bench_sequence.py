@@ -352,7 +352,8 @@ def run_core(seq: SequenceRun, args, tracker_cfg: TrackerConfig) -> dict:
             k += 1
         if k >= 0 and snapshots[k][1].T_map_odom is not None:
             tr = snapshots[k][1]
-            M[i] = tr.T_map_odom  # what the node holds on /tf (it moves only with the state)
+            # what the node sends on /tf: the held state, with odom_bias corrected for the odometry now
+            M[i] = tr.T_map_odom_at(int(seq.stamps_ns[i]), seq.T_odom_base[i])
             C[i] = tr.predict(int(seq.stamps_ns[i]), seq.T_odom_base[i])[1]
     counts = {a: sum(e.action == a for e in events) for a in ("localized", "dropped", "skipped")}
     metrics = sequence_metrics(seq.stamps_ns, seq.T_map_base, seq.T_odom_base, M, fixes, seq.foreign, C)

@@ -405,6 +405,38 @@ def test_fused_pose_stream_gates_wrong_fixes_and_tf_never_goes_back(room, tmp_pa
         assert node.alive()
 
 
+def test_odom_bias_map_to_odom_follows_odometry_between_fixes(room, tmp_path):
+    """With tracker_options odom_bias, the map->odom on /tf is re-derived for the latest
+    odometry (the estimated odometry error absorbed), so it moves when only odometry moves,
+    and holds still while odometry does not; without a fix it never jumps."""
+    from reloc_ros.demo.replay import true_map_to_odom
+    from reloc_ros.geometry import make_T, so3_exp
+
+    map_dir, queries = room
+    params = _params(map_dir, tracker_options="{odom_bias: true}", use_prior=True, tf_publish_rate=20.0)
+    with node_and_replayer(params, tmp_path) as (node, rp):
+        rp.wait_ready(60.0, camera=queries[0].camera)
+        outs = [_good_frame(rp, queries, k, expect_pose=k > 0) for k in range(4)]
+        assert outs[-1].diagnostics.values["tracker_state"] == "tracking", outs[-1].diagnostics
+        held = rp.tf_newest("map", "odom", rp.now_ns())
+        # odometry alone moves on by 0.5 m and 10 deg; no image comes with it
+        q = queries[3 % len(queries)]
+        T_odom_base = invert(true_map_to_odom(3)) @ q.T_world_cam @ invert(rp.T_base_cam)
+        moved = T_odom_base @ make_T(so3_exp([0.0, 0.0, np.radians(10.0)]), [0.5, 0.0, 0.0])
+        t0 = rp.now_ns()
+        rp.publish_odom(moved, t0)
+        import time
+
+        time.sleep(0.5)
+        after = rp.tf_newest("map", "odom", rp.now_ns())
+        dt, dr = pose_errors(after, held)
+        print(f"map->odom moved {dt * 100:.3f} cm / {dr:.4f} deg with odometry alone")
+        assert 0.0 < dt < 0.05 and dr < 2.0, f"map->odom moved {dt * 100:.2f} cm / {dr:.3f} deg"
+        time.sleep(0.3)  # odometry unchanged: the re-broadcast transform is the same
+        np.testing.assert_allclose(rp.tf_newest("map", "odom", rp.now_ns()), after, atol=1e-9)
+        assert node.alive()
+
+
 def _slow_copy(map_dir, dest, mbytes=400):
     """A copy of a map whose manifest lists a big extra file, so loading it (which hashes every
     file, as a learned estimator's cache would make it) takes about a second. Returns

@@ -727,7 +727,8 @@ class RelocCore:
                 pred = self._tracker.predict(stamp, T_odom_base) if (T_odom_base is not None or
                                                                      p.tf_mode == "map_to_base") else None
                 # the state itself: map->odom moves only when a fix changes the state (with
-                # TrackerConfig.odom_bias, ~/pose also carries the bias correction between fixes)
+                # TrackerConfig.odom_bias, ~/pose and the map->odom sent on /tf also carry the bias
+                # correction between fixes: _bias_corrected_map_odom)
                 T_map_odom = self._tracker.T_map_odom
             published = state == TrackState.TRACKING and pred is not None
             if published:
@@ -932,7 +933,25 @@ class RelocCore:
                     return
             self._tf_sent_ns = stamp
         T, parent, child = tf
+        if parent == self._map_frame and child == self._odom_frame:
+            T = self._bias_corrected_map_odom(T)
         self._tf_pub.publish(TFMessage(transforms=[matrix_to_transform_stamped(T, parent, child, stamp)]))
+
+    def _bias_corrected_map_odom(self, T_map_odom: np.ndarray) -> np.ndarray:
+        """With ``TrackerConfig.odom_bias``, map->odom for the latest odometry on /tf: it absorbs
+        the odometry's estimated systematic error since the last fix, so map->odom->base is the
+        corrected body pose between fixes too. It moves with odometry only, never with a fix
+        the gate rejected. Without the option, or when odom->base cannot be looked up now, the
+        held transform is sent unchanged."""
+        if not self._tracker.config.odom_bias or self._lookup is None:
+            return T_map_odom
+        try:
+            T_odom_base = self._lookup(self._odom_frame, self._base_frame, 0, 0.0)
+        except Exception:  # no odometry yet or a broken tree: keep what the state holds
+            return T_map_odom
+        with self._track_lock:
+            T = self._tracker.T_map_odom_at(self.get_clock().now().nanoseconds, T_odom_base)
+        return T if T is not None and np.all(np.isfinite(T)) else T_map_odom
 
     def _publish_markers(self, loc, res, stamp: int) -> None:
         arr = MarkerArray()
