@@ -102,7 +102,8 @@ class TrackerConfig:
         odometry frame, a gyro bias), with a Kalman filter fed by each pair of consecutive
         accepted fixes (their relative pose against the odometry between them). Every
         pose carried through odometry (prediction, gate, window average, and the map->odom
-        ``T_map_odom_at`` gives for the latest odometry) uses the corrected increments,
+        ``T_map_odom_at`` gives for the latest odometry, which the node sends on /tf) uses
+        the corrected increments,
         and the estimate's uncertainty is added to the prediction's. The prior is
         zero-mean with the drift model's std (``odom_translation_drift``,
         ``odom_rotation_drift_deg_per_m``), so with little travel or noisy fixes the
