@@ -54,7 +54,9 @@ class VGGTFusedConfig:
         unless ``allow_random_weights``.
     allow_random_weights: build with seeded random weights (tests and benchmarks only:
         the poses are meaningless).
-    model_config: VGGT sizes, ``{}`` for VGGT-1B, or a fixture's ``config`` dict.
+    model_config: VGGT sizes, ``{}`` for VGGT-1B, or a fixture's ``config`` dict. Left
+        empty with ``weights`` from ``reloc-train`` (``model.json`` beside the file), the
+        trained architecture and tokenizer width are taken from that file.
     mask: global-attention mask 'dense' | 'star' | 'cached' (see docs/models_vggt.md).
     fusion: 'sim3' (AbsoluteEstimate) or 'motion_averaging' (PairEstimates for the
         localizer's robust motion averaging).
@@ -180,6 +182,13 @@ class VGGTFusedEstimator(Estimator):
                                    cache_capacity=cfg.cache_capacity)
             log.warning("vggt-fused runs with RANDOM weights (allow_random_weights): poses are meaningless")
         else:
+            trained = _trained_meta(cfg.weights)
+            if trained is not None and not cfg.model_config:
+                # A reloc-train checkpoint carries its architecture in model.json beside it.
+                cfg.model_config = dict(trained["arch"])
+                cfg.tokenizer_hidden = int(trained["tokenizer_hidden"])
+                log.info("vggt-fused: architecture from %s (trained at %s px, mask %s)",
+                         Path(cfg.weights).parent / "model.json", trained.get("image_hw"), trained.get("mask"))
             net = build_reloc_vggt(cfg.model_config, device="meta", tokenizer_hidden=cfg.tokenizer_hidden,
                                    cache_capacity=cfg.cache_capacity)
             net = _materialize(net)
@@ -270,6 +279,23 @@ class VGGTFusedEstimator(Estimator):
         est = AbsoluteEstimate(res.T_world_cam, res.covariance, int(res.inlier_mask.sum()), used,
                                confidence=float(res.confidence))
         return EstimatorOutput(absolute=est, timings_ms=timings, message=res.message)
+
+
+def _trained_meta(weights: str) -> Optional[Dict[str, Any]]:
+    """model.json of a ``reloc-train`` checkpoint beside ``weights`` (None when absent or
+    not a Reloc-VGGT training output)."""
+    import json
+
+    p = Path(weights).parent / "model.json"
+    if not p.is_file():
+        return None
+    try:
+        meta = json.loads(p.read_text())
+    except ValueError:
+        return None
+    if not isinstance(meta, dict) or not str(meta.get("format", "")).startswith("reloc_ros.training"):
+        return None
+    return meta if meta.get("kind") == "reloc_vggt" else None
 
 
 def _materialize(net):

@@ -326,6 +326,30 @@ class RelocVGGT(nn.Module):
         enc = self.camera_head.from_camera_tokens(cams.float(), num_iterations)
         return {"pose_enc_list": enc, "pose_enc": enc[-1], "camera_tokens": cams}
 
+    def forward_batched(self, query: torch.Tensor, keyframes: torch.Tensor, kf_pose_enc: Optional[torch.Tensor] = None,
+                        mask: str = "dense", num_iterations: Optional[int] = None) -> Dict[str, object]:
+        """``forward`` for a batch of B sequences under any mask, differentiable (training).
+
+        query [B, 3, H, W], keyframes [B, K, 3, H, W] in [0, 1]; kf_pose_enc [B, K, 9] or
+        None. ``cached`` runs the same attention pattern as the KV-cache path (keyframes
+        see only themselves) without a cache, so gradients reach the keyframe branch.
+        Returns forward's dict ('pose_enc_list', 'pose_enc', 'camera_tokens').
+        """
+        if mask not in MASKS:
+            raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
+        tokens, rope, B, S = self._sequence(query, keyframes, kf_pose_enc)
+        if mask == "dense":
+            last = self.aggregator.run_blocks(tokens, B, S, rope, keep_all=False)[-1]
+        else:
+            last = self._run_star(tokens, B, S, rope, kf_sees_query=mask == "star")
+        cams = last[:, :, 0]
+        # The camera head runs at its own (float32 or float64) precision, outside any
+        # autocast region, as VGGT's heads do.
+        with torch.autocast(device_type=cams.device.type, enabled=False):
+            enc = self.camera_head.from_camera_tokens(cams.to(self.camera_head.embed_pose.weight.dtype),
+                                                      num_iterations)
+        return {"pose_enc_list": enc, "pose_enc": enc[-1], "camera_tokens": cams}
+
     def forward_reference(self, query: torch.Tensor, keyframes: torch.Tensor, kf_pose_enc: Optional[torch.Tensor] = None,
                           mask: str = "dense", num_iterations: Optional[int] = None) -> Dict[str, object]:
         """The same network computed the plain way: the whole sequence through every
@@ -350,11 +374,13 @@ class RelocVGGT(nn.Module):
         enc = self.camera_head.from_camera_tokens(cams.float(), num_iterations)
         return {"pose_enc_list": enc, "pose_enc": enc[-1], "camera_tokens": cams, "tokens_list": out}
 
-    def _run_star(self, tokens: torch.Tensor, B: int, S: int, rope) -> torch.Tensor:
+    def _run_star(self, tokens: torch.Tensor, B: int, S: int, rope, kf_sees_query: bool = True) -> torch.Tensor:
         """Star-masked alternating attention on tokens [B*S, P, C] -> last layer [B, S, P, 2C].
 
         Keyframe k's queries attend to [frame k, query frame] (batched as B*K sequences
-        of 2P keys), the query's to all S*P keys: linear in K."""
+        of 2P keys), the query's to all S*P keys: linear in K. ``kf_sees_query=False``
+        gives the ``cached`` mask (keyframe k attends to its own frame only) for a whole
+        batch with autograd, as training needs; inference uses the KV-cache path."""
         P, C = tokens.shape[1:]
         K = S - 1
         x = tokens
@@ -365,9 +391,13 @@ class RelocVGGT(nn.Module):
             q, k, v = gb.attn.qkv_heads(gb.norm1(x), rope)  # [B*S, h, P, d], per frame
             h, d = q.shape[1], q.shape[3]
             q, k, v = (t.reshape(B, S, h, P, d) for t in (q, k, v))
-            kq, vq = k[:, K:], v[:, K:]
-            k_kf = torch.cat((k[:, :K], kq.expand(B, K, h, P, d)), dim=3).reshape(B * K, h, 2 * P, d)
-            v_kf = torch.cat((v[:, :K], vq.expand(B, K, h, P, d)), dim=3).reshape(B * K, h, 2 * P, d)
+            if kf_sees_query:
+                kq, vq = k[:, K:], v[:, K:]
+                k_kf = torch.cat((k[:, :K], kq.expand(B, K, h, P, d)), dim=3).reshape(B * K, h, 2 * P, d)
+                v_kf = torch.cat((v[:, :K], vq.expand(B, K, h, P, d)), dim=3).reshape(B * K, h, 2 * P, d)
+            else:
+                k_kf = k[:, :K].reshape(B * K, h, P, d)
+                v_kf = v[:, :K].reshape(B * K, h, P, d)
             o_kf = F.scaled_dot_product_attention(q[:, :K].reshape(B * K, h, P, d), k_kf, v_kf)
             k_all = k.transpose(1, 2).reshape(B, h, S * P, d)
             v_all = v.transpose(1, 2).reshape(B, h, S * P, d)
