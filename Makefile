@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared
 
-.PHONY: setup demo demo-rig test bench bench-covariance bench-sequence bench-node bench-models bench-rig bench-scale gpu-check train-demo clean
+.PHONY: setup demo demo-rig test bench bench-covariance bench-sequence bench-node bench-models bench-rig bench-scale gpu-check train-demo demo-trained clean
 
 setup:
 	bash scripts/setup_env.sh $(VENV)
@@ -37,6 +37,11 @@ bench-scale: setup
 # trains the compact fused model from scratch on rendered rooms and measures it (issue 11 proof)
 train-demo: setup
 	$(PY) bench/bench_train.py --out out/train_demo
+
+# the node over DDS on a held-out rendered room with the fused model train-demo trained
+# (out/train_demo/full; run `make train-demo` first: about 17 min on 2 idle cores)
+demo-trained: setup
+	$(PY) bench/bench_train.py --out out/train_demo --node-dds full
 
 # on a machine with an NVIDIA GPU (no package installs needed); DRY=1 runs the CPU dry mode
 gpu-check:

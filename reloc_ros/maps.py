@@ -2,23 +2,34 @@
 
 Layout of a map directory (format version ``MAP_FORMAT_VERSION``)::
 
-    manifest.json      format version, build parameters, per-file sha256, counts
+    manifest.json      format version, build parameters, counts, "parts" (the file names
+                       of the current keyframes/retrieval/index files: an in-place edit
+                       writes new ones and commits by replacing the manifest), per-file
+                       sha256 (all files but the two CRC-covered stores below)
     keyframes.npz      names [N] str, T_world_cam [N,4,4], K [N,3,3] (of the stored
                        images), sizes [N,2] (w,h), source_K [N,3,3], source_sizes [N,2];
+                       the store table: store_offset [N] int64, store_bytes [N] int64,
+                       store_crc32 [N] uint32, num_keypoints [N] int32, num_points [N]
+                       int32, global_crc32 [N] uint32 (reloc_ros.map_store);
                        maps built from rig frames (reloc_ros.rig.RigFrame) add
                        camera_ids [N] str (rig camera of each keyframe, '' if unknown)
                        and T_world_base [N,4,4] (body pose of its capture, NaN if unknown)
-    features.npz       keypoints [M,2] float32 (stored-image pixels), descriptors [M,128]
-                       uint8 SIFT, offsets [N+1], points3d [M,3] float32 world metres
-                       (NaN where unknown), point_source [M] uint8 (0 none, 1 depth, 2 triangulated)
-    retrieval.npz      global descriptors [N,D] float32 + descriptor state (VLAD vocabulary)
+    store.bin          per keyframe, one page-aligned block: keypoints [n,2] float32
+                       (stored-image pixels), descriptors [n,128] uint8 SIFT, and only for
+                       the keypoints that have one: their index, 3D point (float32 world
+                       metres) and source (1 depth, 2 triangulated). Memory-mapped, read
+                       on demand through a bounded LRU cache (reloc_ros.map_store).
+    globals.f32        global descriptors [N,D] float32, raw rows, memory-mapped
+    retrieval.npz      descriptor state (VLAD vocabulary)
     index.faiss        FAISS index over the global descriptors
     images/NNNNNN.jpg  downscaled keyframe images (learned estimators read them)
     cache/<name>/      optional estimator caches (e.g. Reloc3r keyframe tokens)
 
 All npz files are written and read without pickle. ``KeyframeMap.load`` checks every
-documented array (presence, shape, dtype, offsets monotone, poses finite and rigid,
-index size) and raises MapError naming the file and the key.
+documented array (presence, shape, dtype, poses finite and rigid, store table against
+the file sizes, index size) and raises MapError naming the file and the key; keyframe
+blocks, descriptor rows and images are checked (CRC-32 / sha256) when first read, so
+loading costs the same at 10^2 and 10^5 keyframes.
 
 Versions. ``format_version`` is the on-disk contract: a map of another format version
 is refused (older: "rebuild it"). ``reloc_ros_version`` (the release that wrote the map)
@@ -43,6 +54,7 @@ was loaded; reload it") instead of returning another map's image for the same in
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import datetime
 import errno
 import hashlib
@@ -53,7 +65,6 @@ import re
 import shutil
 import sys
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -63,25 +74,28 @@ import numpy as np
 
 from reloc_ros import __version__
 from reloc_ros.config import to_dict
-from reloc_ros.features import (FeatureConfig, Features, SiftExtractor, match_descriptors, root_sift,
-                                undistort_keypoints)
+from reloc_ros.features import FeatureConfig, Features, match_descriptors
 from reloc_ros.geometry import check_pose, invert
+from reloc_ros.map_store import (GLOBALS_FILE, HEADER_BYTES, PAGE, STORE_FILE, TABLE_KEYS, KeyframeStore,  # noqa: F401
+                                 MapError, MappedRows, write_local_data, write_manifest)
 from reloc_ros.retrieval import RetrievalConfig, RetrievalIndex, create_descriptor
-from reloc_ros.types import Camera, InvalidInputError, PosedFrame, RelocError
+from reloc_ros.refine import RefineConfig
+from reloc_ros.types import Camera, InvalidInputError, PosedFrame
 
 log = logging.getLogger("reloc_ros.maps")
 
 # 2: keypoints without OpenCV SIFT's +0.25 px upscaling offset (features.SiftExtractor);
 # a version-1 map's keypoints and depth/triangulated points carry it, and queries no longer
 # do, so version-1 maps are refused with "rebuild it".
-MAP_FORMAT_VERSION = 2
+# 3: local data in the page-aligned, memory-mapped store.bin and global descriptors in
+# globals.f32 (reloc_ros.map_store) instead of features.npz / retrieval.npz, which had to
+# be loaded whole; version-2 maps convert losslessly (`reloc-map convert`).
+MAP_FORMAT_VERSION = 3
+CONVERTIBLE_VERSIONS = (2,)
+PARTS = {"keyframes": "keyframes.npz", "retrieval": "retrieval.npz", "index": "index.faiss"}
 MANIFEST = "manifest.json"
 
 POINT_NONE, POINT_DEPTH, POINT_TRIANGULATED = 0, 1, 2
-
-
-class MapError(RelocError):
-    """A map directory is missing, corrupt, truncated, from another format version, or empty."""
 
 
 @dataclass
@@ -111,6 +125,20 @@ class MapBuildConfig:
     image_max_size: long side (pixels) of the stored keyframe images.
     max_depth_m / min_depth_m: valid depth range.
     depth_edge_ratio: reject depth at discontinuities (3x3 max/min ratio above this).
+    workers: processes that extract and triangulate (0 = every available core, 1 = in
+        this process); with ``ray_address``, Ray tasks at a time (0 = every cluster CPU).
+        The map is the same whatever the count (reloc_ros.map_build).
+    ray_address: '' = no Ray; 'local' = start a local Ray instance; else the address of a
+        Ray cluster ("auto", "ray://head:10001") that extraction and triangulation run on.
+    refine: bundle-adjust the keyframe poses against the images before triangulating
+        (``reloc_ros.refine``: multi-view tracks, robust loss, pose priors that hold the
+        gauge and metric scale); the map stores the refined poses and the manifest the
+        report (how far poses moved). Off by default: it pays when the poses come from a
+        visual or RGB-D SLAM system that is a little inconsistent with the images
+        (7-Scenes RGB-only: recall 0.14 -> 0.30), and costs where the queries are judged
+        against the same source as the map poses (KITTI's GNSS/INS: 0.66 -> 1.26 cm).
+        docs/RESULTS.md.
+    refinement: options of that refinement (its ``features`` are the map's).
     """
 
     features: FeatureConfig = field(default_factory=FeatureConfig)
@@ -122,12 +150,20 @@ class MapBuildConfig:
     min_depth_m: float = 0.1
     max_depth_m: float = 20.0
     depth_edge_ratio: float = 1.05
+    workers: int = 0
+    ray_address: str = ""
+    refine: bool = False
+    refinement: RefineConfig = field(default_factory=RefineConfig)
 
     def validate(self) -> None:
         self.features.validate()
         self.retrieval.validate()
+        if self.refine:
+            self.refinement.validate()
         if self.image_max_size < 64:
             raise ValueError("image_max_size must be >= 64")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0 = every core), got {self.workers}")
 
 
 def _sha256(path: Path) -> str:
@@ -208,15 +244,15 @@ def _array(path: Path, fname: str, arrays: Dict[str, np.ndarray], key: str, shap
     return a
 
 
-def _check_arrays(path: Path, kf: Dict[str, np.ndarray], feats: Dict[str, np.ndarray],
-                  retr: Dict[str, np.ndarray], files: Dict[str, str]) -> Dict[str, int]:
-    """Cross-check every array of a map against the layout; returns the sizes {N, M, D}.
+def _check_arrays(path: Path, kf: Dict[str, np.ndarray], manifest: dict, files: Dict[str, str],
+                  K_: str = "keyframes.npz") -> Dict[str, int]:
+    """Cross-check the resident arrays of a map against the layout; returns the sizes {N, D}.
 
     Raises MapError naming the file and key of the first inconsistency, so a corrupt or
-    hand-edited map fails at load time instead of as an IndexError mid-query.
+    hand-edited map fails at load time instead of as an IndexError mid-query. The store
+    table is checked against the layout here and against the file sizes when mapped.
     """
     dims: Dict[str, int] = {}
-    K_, F_, R_ = "keyframes.npz", "features.npz", "retrieval.npz"
     names = _array(path, K_, kf, "names", ["N"], dims, "US", "strings")
     n = dims["N"]
     if n == 0:
@@ -250,27 +286,22 @@ def _check_arrays(path: Path, kf: Dict[str, np.ndarray], feats: Dict[str, np.nda
     if np.any(sizes <= 0):
         raise MapError(f"map {path}: {K_}['sizes'] has non-positive image sizes")
 
-    kp = _array(path, F_, feats, "keypoints", ["M", 2], dims, "f", "float")
-    m = dims["M"]
-    _array(path, F_, feats, "descriptors", ["M", 128], dims, "u", "uint8")
-    if feats["descriptors"].dtype != np.uint8:
-        raise MapError(f"map {path}: {F_}['descriptors'] has dtype {feats['descriptors'].dtype}, expected uint8")
-    off = _array(path, F_, feats, "offsets", ["N+1"], {"N+1": n + 1}, "iu", "integers")
-    if off[0] != 0 or np.any(np.diff(off) < 0) or off[-1] != m:
-        raise MapError(f"map {path}: {F_}['offsets'] must rise monotonically from 0 to the {m} keypoints, "
-                       f"got {off[0]}..{off[-1]}" + (" (not monotone)" if np.any(np.diff(off) < 0) else ""))
-    _array(path, F_, feats, "points3d", ["M", 3], dims, "f", "float")
-    src = _array(path, F_, feats, "point_source", ["M"], dims, "iu", "integers")
-    if m and int(src.max()) > POINT_TRIANGULATED:
-        raise MapError(f"map {path}: {F_}['point_source'] has unknown value {int(src.max())} "
-                       f"(0 none, 1 depth, 2 triangulated)")
-    if not np.all(np.isfinite(kp)):
-        raise MapError(f"map {path}: {F_}['keypoints'] has non-finite values")
+    tab = {k: _array(path, K_, kf, k, ["N"], dims, "iu", "integers") for k in TABLE_KEYS}
+    off, nb, nkp, npt = tab["store_offset"], tab["store_bytes"], tab["num_keypoints"], tab["num_points"]
+    if np.any(off < 0) or np.any(off % PAGE):
+        raise MapError(f"map {path}: {K_}['store_offset'] must be non-negative multiples of {PAGE} (page-aligned)")
+    if np.any(nkp < 0) or np.any(npt < 0) or np.any(npt > nkp):
+        raise MapError(f"map {path}: {K_}['num_points'] must lie in 0..num_keypoints")
+    if np.any(nb < HEADER_BYTES + 136 * nkp.astype(np.int64) + 17 * npt.astype(np.int64)):
+        raise MapError(f"map {path}: {K_}['store_bytes'] is too small for the keypoints it should hold")
+    order = np.argsort(off, kind="stable")
+    if np.any(off[order][1:] < (off + nb)[order][:-1]):
+        raise MapError(f"map {path}: {K_} store blocks overlap")
 
-    G = _array(path, R_, retr, "global_descriptors", ["N", "D"], dims, "f", "float")
-    if dims["D"] == 0 or not np.all(np.isfinite(G)):
-        raise MapError(f"map {path}: {R_}['global_descriptors'] is empty or not finite")
-
+    D = manifest.get("global_dim")
+    if not isinstance(D, int) or D <= 0:
+        raise MapError(f"map {path}: {MANIFEST} has no valid 'global_dim' (got {D!r}); rebuild it with `reloc-map build`")
+    dims["D"] = D
     missing = [f"images/{i:06d}.jpg" for i in range(n) if f"images/{i:06d}.jpg" not in files]
     if missing:
         raise MapError(f"map {path}: {MANIFEST} lists no checksum for keyframe image {missing[0]} "
@@ -279,10 +310,18 @@ def _check_arrays(path: Path, kf: Dict[str, np.ndarray], feats: Dict[str, np.nda
 
 
 class KeyframeMap:
-    """A loaded keyframe map (read-only). See the module docstring for the layout."""
+    """A loaded keyframe map (read-only). See the module docstring for the layout.
 
-    def __init__(self, path: Path, manifest: dict, kf: Dict[str, np.ndarray], feats: Dict[str, np.ndarray],
-                 retrieval: Dict[str, np.ndarray], index: RetrievalIndex):
+    Resident: poses, intrinsics, names, the store table, the FAISS index (an IVF-PQ at
+    10^5 keyframes holds ~72 B a keyframe) and the descriptor state. Read on demand:
+    keyframe local data (``features``, ``points3d``, ...; LRU-cached up to ``cache_mb``),
+    global descriptor rows (``global_descriptors[ids]``) and images.
+    """
+
+    DEFAULT_CACHE_MB = 256.0
+
+    def __init__(self, path: Path, manifest: dict, kf: Dict[str, np.ndarray], retrieval: Dict[str, np.ndarray],
+                 index: RetrievalIndex, store: KeyframeStore, global_descriptors: MappedRows):
         self.path = Path(path)
         self.manifest = manifest
         self.names: List[str] = [str(n) for n in kf["names"]]
@@ -293,23 +332,24 @@ class KeyframeMap:
         self.camera_ids: Optional[List[str]] = [str(c) for c in kf["camera_ids"]] if "camera_ids" in kf else None
         self.T_world_base: Optional[np.ndarray] = (kf["T_world_base"].astype(np.float64)
                                                    if "T_world_base" in kf else None)
-        self._kp = feats["keypoints"]
-        self._desc = feats["descriptors"]
-        self._off = feats["offsets"]
-        self._pts = feats["points3d"]
-        self.point_source = feats["point_source"]
-        self.global_descriptors = retrieval["global_descriptors"]
-        self.descriptor_state = {k: v for k, v in retrieval.items() if k != "global_descriptors"}
+        self.keyframe_arrays = kf  # as loaded (what map_edit copies forward)
+        self.store = store
+        self.num_keypoints: np.ndarray = kf["num_keypoints"]
+        self.global_descriptors = global_descriptors  # [N, D] float32 rows, memory-mapped
+        self.descriptor_state = dict(retrieval)
         self.index = index
-        # RootSIFT is 4x the stored uint8 SIFT: keep only recently used keyframes
-        # (consecutive queries mostly retrieve the same ones), so RAM stays bounded.
-        self._root_cache: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
-        self._point_index: Dict[int, np.ndarray] = {}  # small (int indices), kept for all keyframes
 
     # -- loading ---------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, verify: bool = True, use_gpu: bool = True) -> "KeyframeMap":
-        """Load and check a map directory; raises MapError with the reason."""
+    def load(cls, path: str | Path, verify: bool = True, use_gpu: bool = True,
+             cache_mb: Optional[float] = None) -> "KeyframeMap":
+        """Load and check a map directory; raises MapError with the reason.
+
+        verify: sha256 of the small files (keyframe table, vocabulary, index, estimator
+        caches) against the manifest, and presence of every keyframe image; blocks, rows
+        and images are checked when read whatever this says. cache_mb: bound of the LRU
+        cache of decoded keyframes (default ``DEFAULT_CACHE_MB``).
+        """
         path = Path(path)
         if not path.is_dir():
             raise MapError(f"map directory {path} does not exist")
@@ -323,73 +363,88 @@ class KeyframeMap:
         version = manifest.get("format_version")
         if version != MAP_FORMAT_VERSION:
             older = isinstance(version, int) and version < MAP_FORMAT_VERSION
-            raise MapError(
-                f"map {path} has format version {version!r}, this reloc_ros reads version "
-                f"{MAP_FORMAT_VERSION}" + ("; rebuild it with `reloc-map build`" if older else "")
-            )
+            how = ""
+            if older:
+                how = "; rebuild it with `reloc-map build`"
+                if version in CONVERTIBLE_VERSIONS:
+                    how += f" or convert it (lossless, no recomputation) with `reloc-map convert {path} NEW_DIR`"
+            raise MapError(f"map {path} has format version {version!r}, this reloc_ros reads version "
+                           f"{MAP_FORMAT_VERSION}" + how)
         files = manifest.get("files", {})
-        for name in ("keyframes.npz", "features.npz", "retrieval.npz", "index.faiss"):
+        parts = {**PARTS, **manifest.get("parts", {})}
+        for name in parts.values():
             if name not in files:
                 raise MapError(f"manifest of {path} lists no {name}")
         if verify:
             for name, digest in files.items():
+                if name.startswith("images/"):
+                    continue  # sha256-checked by image() when read; presence below
                 f = path / name
                 if not f.is_file():
                     raise MapError(f"map file {f} is missing")
                 if _sha256(f) != digest:
                     raise MapError(f"map file {f} is corrupt or truncated (checksum mismatch)")
+            try:
+                present = set(os.listdir(path / "images"))
+            except OSError:
+                present = set()
+            lost = [n for n in files if n.startswith("images/") and n[7:] not in present]
+            if lost:
+                raise MapError(f"map file {path / lost[0]} is missing ({len(lost)} keyframe images missing)")
         _check_release(path, manifest)
-        kf = _load_npz(path / "keyframes.npz")
-        feats = _load_npz(path / "features.npz")
-        retr = _load_npz(path / "retrieval.npz")
-        dims = _check_arrays(path, kf, feats, retr, files)
+        kf = _load_npz(path / parts["keyframes"])
+        retr = _load_npz(path / parts["retrieval"])
+        dims = _check_arrays(path, kf, manifest, files, parts["keyframes"])
+        table = {k: kf[k] for k in TABLE_KEYS}
+        store = KeyframeStore(path / STORE_FILE, table, cls.DEFAULT_CACHE_MB if cache_mb is None else cache_mb)
+        G = MappedRows(path / GLOBALS_FILE, dims["N"], dims["D"], kf["global_crc32"])
         try:
-            index = RetrievalIndex.load(path / "index.faiss", use_gpu=use_gpu)
+            index = RetrievalIndex.load(path / parts["index"], use_gpu=use_gpu)
         except Exception as e:
             raise MapError(f"cannot read FAISS index of {path}: {e}") from e
         if len(index) != dims["N"]:
-            raise MapError(f"map {path}: index.faiss has {len(index)} entries for {dims['N']} keyframes")
+            raise MapError(f"map {path}: {parts['index']} has {len(index)} entries for {dims['N']} keyframes")
         if int(index.index.d) != dims["D"]:
-            raise MapError(f"map {path}: index.faiss has dimension {index.index.d}, "
-                           f"retrieval.npz['global_descriptors'] has {dims['D']}")
-        index.attach_vectors(retr["global_descriptors"])  # exact re-ranking of an approximate index
-        return cls(path, manifest, kf, feats, retr, index)
+            raise MapError(f"map {path}: {parts['index']} has dimension {index.index.d}, "
+                           f"{MANIFEST}['global_dim'] is {dims['D']}")
+        index.attach_vectors(G)  # exact re-ranking of an approximate index, rows read on demand
+        return cls(path, manifest, kf, retr, index, store, G)
 
     # -- access ----------------------------------------------------------------------
     @property
     def num_keyframes(self) -> int:
         return len(self.names)
 
-    def features(self, i: int) -> Features:
-        a, b = self._off[i], self._off[i + 1]
-        return Features(self._kp[a:b], self._desc[a:b])
+    def _check_id(self, i) -> int:
+        i = int(i)
+        if not 0 <= i < self.num_keyframes:
+            raise MapError(f"keyframe {i} out of range 0..{self.num_keyframes - 1} of map {self.path}")
+        return i
 
-    ROOT_CACHE_SIZE = 128
+    def keyframe(self, i: int):
+        """Keyframe i's decoded local data (``map_store.KeyframeData``), from the LRU cache."""
+        return self.store.get(self._check_id(i))
+
+    def features(self, i: int) -> Features:
+        d = self.keyframe(i)
+        return Features(d.keypoints, d.descriptors)
 
     def root_descriptors(self, i: int, with_points_only: bool = False) -> np.ndarray:
-        """RootSIFT [Ni, 128] float32 of keyframe i (LRU-cached); with_points_only keeps the
-        rows of ``point_index(i)`` (keypoints that have a 3D point), for 2D-3D matching."""
-        key = (i, with_points_only)
-        d = self._root_cache.pop(key, None)
-        if d is None:
-            a, b = self._off[i], self._off[i + 1]
-            desc = self._desc[a:b]
-            d = root_sift(desc[self.point_index(i)] if with_points_only else desc)
-        self._root_cache[key] = d
-        if len(self._root_cache) > self.ROOT_CACHE_SIZE:
-            self._root_cache.popitem(last=False)
-        return d
+        """RootSIFT [Ni, 128] float32 of keyframe i (LRU-cached with its keyframe); with_points_only
+        keeps the rows of ``point_index(i)`` (keypoints that have a 3D point), for 2D-3D matching."""
+        return self.store.root(self._check_id(i), bool(with_points_only))
 
     def point_index(self, i: int) -> np.ndarray:
         """Indices (into keyframe i's keypoints) of the keypoints with a 3D point."""
-        idx = self._point_index.get(i)
-        if idx is None:
-            idx = self._point_index[i] = np.nonzero(np.isfinite(self.points3d(i)[:, 0]))[0]
-        return idx
+        return self.keyframe(i).point_index
 
     def points3d(self, i: int) -> np.ndarray:
         """[Ni, 3] world points (metres) of keyframe i's keypoints, NaN where unknown."""
-        return self._pts[self._off[i]: self._off[i + 1]]
+        return self.keyframe(i).points3d
+
+    def point_sources(self, i: int) -> np.ndarray:
+        """[Ni] uint8 source of keyframe i's points (POINT_NONE / POINT_DEPTH / POINT_TRIANGULATED)."""
+        return self.keyframe(i).point_source
 
     def image(self, i: int) -> np.ndarray:
         """Stored keyframe image [H, W, 3] uint8 RGB (intrinsics: ``cameras[i]``).
@@ -398,9 +453,7 @@ class KeyframeMap:
         was loaded with (~0.1 ms for a JPEG of tens of KB): a map rebuilt into the same
         directory since raises MapError instead of yielding another map's keyframe.
         """
-        i = int(i)
-        if not 0 <= i < self.num_keyframes:
-            raise MapError(f"keyframe {i} out of range 0..{self.num_keyframes - 1} of map {self.path}")
+        i = self._check_id(i)
         rel = f"images/{i:06d}.jpg"
         f = self.path / rel
         try:
@@ -420,12 +473,12 @@ class KeyframeMap:
         return self.path / "cache" / name
 
     def memory_bytes(self) -> int:
-        """Bytes of the arrays held in RAM (features, points, descriptors, poses, and the
-        bounded RootSIFT cache of recently used keyframes)."""
-        arrs = [self._kp, self._desc, self._off, self._pts, self.point_source, self.global_descriptors,
-                self.T_world_cam] + list(self.descriptor_state.values())
-        n = sum(a.nbytes for a in arrs)
-        n += sum(v.nbytes for v in self._root_cache.values())
+        """Bytes this map holds in RAM: the resident arrays (poses, intrinsics, table), the
+        LRU cache of decoded keyframes as it is now (at most ``cache_mb``) and the index.
+        The memory-mapped store and descriptor rows are not counted (read on demand)."""
+        arrs = [self.T_world_cam, *self.keyframe_arrays.values(), *self.descriptor_state.values()]
+        n = sum(a.nbytes for a in arrs) + sum(c.K.nbytes + 64 for c in self.cameras)
+        n += self.store.cached_bytes
         return int(n + self.index.memory_bytes())
 
 
@@ -532,14 +585,20 @@ def _sampson(F, x1, x2) -> np.ndarray:
 
 def _triangulate_keyframe(i: int, kps: List[np.ndarray], roots: List[np.ndarray], T: np.ndarray,
                           Ks: List[np.ndarray], cfg: MapBuildConfig, names: List[str],
-                          cache: Optional[dict] = None) -> np.ndarray:
-    """Multi-view DLT of keyframe i's keypoints from matches in its neighbours; [Ni, 3] (NaN = none)."""
+                          cache: Optional[dict] = None, nbrs: Optional[np.ndarray] = None) -> np.ndarray:
+    """Multi-view DLT of keyframe i's keypoints from matches in its neighbours; [Ni, 3] (NaN = none).
+
+    kps / roots / T / Ks / names are indexed by keyframe id (lists over the map, or dicts
+    holding i and its neighbours); nbrs: ``_select_neighbors`` over all poses, computed
+    here when None (T must then be the [N, 4, 4] array of every keyframe).
+    """
     tc = cfg.triangulation
     n = len(kps[i])
     out = np.full((n, 3), np.nan, np.float32)
     if n == 0:
         return out
-    nbrs = _select_neighbors(T, i, tc)
+    if nbrs is None:
+        nbrs = _select_neighbors(T, i, tc)
     P = {j: Ks[j] @ invert(T[j])[:3, :] for j in [i, *nbrs]}
     obs: List[List[tuple]] = [[] for _ in range(n)]
     for j in nbrs:
@@ -621,6 +680,47 @@ def _depths(Ps, X) -> np.ndarray:
     return _project(Ps, X)[..., 2]
 
 
+class _WithPoses:
+    """``frames`` with some frames replaced (index -> PosedFrame); the others stay lazy."""
+
+    def __init__(self, frames: Sequence[PosedFrame], replaced: Dict[int, PosedFrame]) -> None:
+        self._frames, self._replaced = frames, replaced
+        self.names = getattr(frames, "names", None)
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def __getitem__(self, i):
+        return self._replaced[i] if i in self._replaced else self._frames[i]
+
+
+def _refine_poses(frames: Sequence[PosedFrame], cfg: MapBuildConfig, feature_cache: dict
+                  ) -> Tuple[Sequence[PosedFrame], Optional[dict]]:
+    """Bundle-adjusted poses for the usable frames (``MapBuildConfig.refine``); frames that
+    cannot be read or are badly posed are left as they are, for the build to skip and
+    report. Returns (frames, the refinement report for the manifest or None)."""
+    from reloc_ros.refine import refine_frames
+
+    good: Dict[int, PosedFrame] = {}
+    for i in range(len(frames)):
+        try:
+            fr = frames[i]
+            check_pose(fr.T_world_cam, f"pose of {fr.name}")
+            fr.camera.validate()
+        except (InvalidInputError, OSError):
+            continue
+        good[i] = fr
+    if len(good) < 2:
+        log.warning("map refinement skipped: fewer than two usable frames")
+        return frames, None
+    idx = sorted(good)
+    rcfg = dataclasses.replace(cfg.refinement, features=cfg.features)
+    refined, report = refine_frames([good[i] for i in idx], rcfg, feature_cache=feature_cache)
+    log.info("map refinement: %s", report.summary().splitlines()[0])
+    info = {k: v for k, v in report.to_dict().items() if k not in ("moved_cm", "moved_deg")}
+    return _WithPoses(frames, dict(zip(idx, refined))), info
+
+
 def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optional[MapBuildConfig] = None,
               feature_cache: Optional[dict] = None, estimators: Sequence = (), source: str = "",
               overwrite: bool = False) -> Path:
@@ -643,30 +743,19 @@ def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optiona
         shutil.rmtree(tmp)
     (tmp / "images").mkdir(parents=True)
     t0 = time.perf_counter()
-    extractor = SiftExtractor(cfg.features)
+    from reloc_ros import map_build  # parallel / distributed stages (cfg.workers, cfg.ray_address)
+
+    refinement = None
+    if cfg.refine and len(frames) > 1:
+        if feature_cache is None:
+            feature_cache = {}  # the refinement's features are the map's: extracted once
+        frames, refinement = _refine_poses(frames, cfg, feature_cache)
+
     names, poses, Ks, sizes, src_K, src_sizes = [], [], [], [], [], []
     cam_ids, bases = [], []  # rig frames (reloc_ros.rig.RigFrame) carry these
     kps, descs, pts, srcs, skipped = [], [], [], [], []
-    for idx in range(len(frames)):
-        names_known = getattr(frames, "names", None)
-        name = names_known[idx] if names_known is not None else str(idx)
-        try:
-            fr = frames[idx]
-            name = fr.name
-            T = check_pose(fr.T_world_cam, f"pose of {fr.name}")
-            fr.camera.validate()
-        except (InvalidInputError, OSError) as e:
-            log.warning("skipping frame %s: %s", name, e)
-            skipped.append([str(name), str(e)])
-            continue
-        fr.T_world_cam = T
-        feats = feature_cache.get(fr.name) if feature_cache is not None else None
-        if feats is None:
-            feats = extractor(fr.image)
-            if feature_cache is not None:
-                feature_cache[fr.name] = feats
-        kp_ud = undistort_keypoints(feats.keypoints, fr.camera)
-        p = _depth_points(fr, kp_ud, cfg) if cfg.use_depth else np.full((len(kp_ud), 3), np.nan, np.float32)
+    for fr, feats, kp_ud, p in map_build.extract_keyframes(frames, cfg, feature_cache, skipped):
+        T = fr.T_world_cam  # checked by extract_keyframes; unusable frames are in skipped
         # stored image: downscaled; keypoints are stored in its pixel frame
         h, w = fr.image.shape[:2]
         s = min(1.0, cfg.image_max_size / max(h, w))
@@ -695,16 +784,8 @@ def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optiona
     t_feat = time.perf_counter()
     T_all = np.stack(poses)
     if cfg.triangulate and len(names) > 1:
-        roots = [root_sift(d) for d in descs]
-        src_Ks = [np.asarray(K) for K in src_K]
-        for i in range(len(names)):
-            need = ~np.isfinite(pts[i][:, 0])
-            if not need.any():
-                continue
-            tri = _triangulate_keyframe(i, kps, roots, T_all, src_Ks, cfg, names, feature_cache)
-            fill = need & np.isfinite(tri[:, 0])
-            pts[i][fill] = tri[fill]
-            srcs[i][fill] = POINT_TRIANGULATED
+        map_build.triangulate_points(kps, descs, T_all, [np.asarray(K) for K in src_K], names, pts, srcs, cfg,
+                                     feature_cache, POINT_TRIANGULATED)
     t_tri = time.perf_counter()
     # keypoints move to the stored image's pixel frame (scale about pixel corners)
     kps_s = []
@@ -714,21 +795,19 @@ def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optiona
         kps_s.append(((kps[k] + 0.5) * [sx, sy] - 0.5).astype(np.float32))
     feats_all = [Features(kp, d) for kp, d in zip(kps, descs)]
     descriptor = create_descriptor(cfg.retrieval)
+    # here, with this thread's limits: FAISS k-means depends on its thread count (map_build)
     descriptor.fit(feats_all)
-    G = np.stack([descriptor.describe(f) for f in feats_all]).astype(np.float32)
+    G = map_build.describe_keyframes(descriptor, feats_all, cfg)  # [N, D] float32, on cfg.workers
     index = RetrievalIndex.build(G, cfg.retrieval)
     index.save(tmp / "index.faiss")
     rig = {}
     if any(cam_ids) or any(np.isfinite(b).all() for b in bases):
         rig = {"camera_ids": np.array(cam_ids, dtype=str), "T_world_base": np.stack(bases)}
+    table = write_local_data(tmp, kps_s, descs, pts, srcs, G)
     np.savez(tmp / "keyframes.npz", names=np.array(names, dtype=str), T_world_cam=T_all,
              K=np.stack(Ks), sizes=np.array(sizes, np.int32), source_K=np.stack(src_K),
-             source_sizes=np.array(src_sizes, np.int32), **rig)
-    offsets = np.concatenate([[0], np.cumsum([len(k) for k in kps_s])]).astype(np.int64)
-    np.savez(tmp / "features.npz", keypoints=np.concatenate(kps_s), descriptors=np.concatenate(descs),
-             offsets=offsets, points3d=np.concatenate(pts).astype(np.float32),
-             point_source=np.concatenate(srcs))
-    np.savez(tmp / "retrieval.npz", global_descriptors=G, **descriptor.state())
+             source_sizes=np.array(src_sizes, np.int32), **rig, **table)
+    np.savez(tmp / "retrieval.npz", **descriptor.state())
     n_pts = int(sum(np.isfinite(p[:, 0]).sum() for p in pts))
     manifest = {
         "format_version": MAP_FORMAT_VERSION,
@@ -737,13 +816,16 @@ def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optiona
         "source": source,
         "build_config": to_dict(cfg),
         "num_keyframes": len(names),
-        "num_keypoints": int(offsets[-1]),
+        "num_keypoints": int(table["num_keypoints"].sum()),
         "num_points3d": n_pts,
         "num_points_from_depth": int(sum((s == POINT_DEPTH).sum() for s in srcs)),
         "num_points_triangulated": int(sum((s == POINT_TRIANGULATED).sum() for s in srcs)),
         "global_descriptor": descriptor.name,
         "faiss_index": index.description,
+        "global_dim": int(G.shape[1]),
+        "parts": dict(PARTS),
         "skipped_frames": skipped,
+        "refinement": refinement,
         "rig_cameras": sorted({c for c in cam_ids if c}),
         "build_seconds": {"features": round(t_feat - t0, 2), "triangulation": round(t_tri - t_feat, 2),
                           "total": round(time.perf_counter() - t0, 2)},
@@ -765,12 +847,7 @@ def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optiona
 
 
 def _write_manifest(root: Path, manifest: dict) -> None:
-    files = {}
-    for f in sorted(root.rglob("*")):
-        if f.is_file() and f.name != MANIFEST:
-            files[str(f.relative_to(root))] = _sha256(f)
-    manifest["files"] = files
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_manifest(root, manifest)
 
 
 # -- atomic replacement --------------------------------------------------------------

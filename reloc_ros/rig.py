@@ -616,7 +616,7 @@ class RigLocalizer:
                 xs.append(cd.kp[m[ok, 0]])
                 Xs.append(P[ok].astype(np.float64))
                 kfs.append(np.full(int(ok.sum()), k))
-                srcs.append(kmap.point_source[kmap._off[k]: kmap._off[k + 1]][pi[ok]])
+                srcs.append(kmap.point_sources(k)[pi[ok]])
                 qis.append(m[ok, 0])
             n = int(sum(len(a) for a in xs))
             reports[cd.idx].matches = n

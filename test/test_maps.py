@@ -32,7 +32,7 @@ def test_rgb_only_map_triangulates_points_that_agree_with_depth(seven_scenes, sm
     d = []
     for i in range(rgb.num_keyframes):
         a, b = rgb.points3d(i), depth.points3d(i)
-        both = np.isfinite(a[:, 0]) & np.isfinite(b[:, 0]) & (depth.point_source[depth._off[i]:depth._off[i + 1]] == POINT_DEPTH)
+        both = np.isfinite(a[:, 0]) & np.isfinite(b[:, 0]) & (depth.point_sources(i) == POINT_DEPTH)
         d.append(np.linalg.norm(a[both] - b[both], axis=1))
     # Independent sources (multi-view geometry from the given poses vs the depth sensor)
     # agree only to ~8 cm here: 7-Scenes' poses are self-consistent to ~0.3-1 deg
@@ -48,7 +48,7 @@ def _copy(src, dst):
 
 def test_truncated_file_is_a_clear_map_error(small_depth_map, tmp_path):
     m = _copy(small_depth_map, tmp_path / "m")
-    f = m / "features.npz"
+    f = m / "keyframes.npz"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(MapError, match="corrupt or truncated"):
         KeyframeMap.load(m)
@@ -131,18 +131,18 @@ def _arrays(m, fname):
 
 def _corruptions(m):
     """(file, drop, replace, expected message) cases built from the real arrays of map m."""
-    kf, ft = _arrays(m, "keyframes.npz"), _arrays(m, "features.npz")
+    kf = _arrays(m, "keyframes.npz")
     T_nan = kf["T_world_cam"].copy()
     T_nan[3, 0, 3] = np.nan
     T_scaled = kf["T_world_cam"].copy()
     T_scaled[5, :3, :3] *= 2.0
-    off = ft["offsets"].copy()
-    off_swapped = off.copy()
-    off_swapped[[4, 5]] = off_swapped[[5, 4]]
+    off = kf["store_offset"]
+    overlap = off.copy()
+    overlap[5] = off[4]
     return [
-        ("features.npz", ("descriptors",), {}, r"features.npz has no array 'descriptors'"),
         ("keyframes.npz", ("T_world_cam",), {}, r"keyframes.npz has no array 'T_world_cam'"),
-        ("retrieval.npz", ("global_descriptors",), {}, r"retrieval.npz has no array 'global_descriptors'"),
+        ("keyframes.npz", ("store_offset",), {}, r"keyframes.npz has no array 'store_offset'"),
+        ("keyframes.npz", ("global_crc32",), {}, r"keyframes.npz has no array 'global_crc32'"),
         ("keyframes.npz", (), {"names": kf["names"][:-1]},
          r"keyframes.npz\['T_world_cam'\] has shape \[20, 4, 4\], expected \[N, 4, 4\] with N=19"),
         ("keyframes.npz", (), {"K": kf["K"][:, :2]},
@@ -150,20 +150,14 @@ def _corruptions(m):
         ("keyframes.npz", (), {"sizes": kf["sizes"].astype(np.float32)}, r"keyframes.npz\['sizes'\] has dtype float32"),
         ("keyframes.npz", (), {"T_world_cam": T_nan}, r"keyframes.npz\['T_world_cam'\]\[3\] .* not a finite rigid"),
         ("keyframes.npz", (), {"T_world_cam": T_scaled}, r"keyframes.npz\['T_world_cam'\]\[5\] .* not a finite rigid"),
-        ("features.npz", (), {"keypoints": np.zeros((len(ft["keypoints"]), 3), np.float32)},
-         r"features.npz\['keypoints'\] has shape \[\d+, 3\], expected \[M, 2\]"),
-        ("features.npz", (), {"descriptors": ft["descriptors"][:, :64]},
-         r"features.npz\['descriptors'\] has shape \[\d+, 64\], expected \[M, 128\] with M=\d+"),
-        ("features.npz", (), {"points3d": ft["points3d"][:-1]}, r"features.npz\['points3d'\] has shape"),
-        ("features.npz", (), {"point_source": ft["point_source"][:-1]}, r"features.npz\['point_source'\] has shape"),
-        ("features.npz", (), {"offsets": off[:-1]},
-         r"features.npz\['offsets'\] has shape \[20\], expected \[N\+1\] with N\+1=21"),
-        ("features.npz", (), {"offsets": off_swapped},
-         r"features.npz\['offsets'\] must rise monotonically .*not monotone"),
-        ("features.npz", (), {"offsets": np.append(off[:-1], off[-1] - 1)},
-         r"features.npz\['offsets'\] must rise .* to the \d+ keypoints"),
-        ("retrieval.npz", (), {"global_descriptors": _arrays(m, "retrieval.npz")["global_descriptors"][:-1]},
-         r"retrieval.npz\['global_descriptors'\] has shape \[19, \d+\], expected \[N, D\] with N=20"),
+        ("keyframes.npz", (), {"store_crc32": kf["store_crc32"][:-1]},
+         r"keyframes.npz\['store_crc32'\] has shape \[19\], expected \[N\] with N=20"),
+        ("keyframes.npz", (), {"store_offset": off.astype(np.float64)}, r"keyframes.npz\['store_offset'\] has dtype"),
+        ("keyframes.npz", (), {"store_offset": off + 100}, r"page-aligned"),
+        ("keyframes.npz", (), {"store_offset": overlap}, r"store blocks overlap"),
+        ("keyframes.npz", (), {"num_points": kf["num_keypoints"] + 1}, r"num_points'\] must lie in 0..num_keypoints"),
+        ("keyframes.npz", (), {"store_bytes": kf["store_bytes"] // 4}, r"store_bytes'\] is too small"),
+        ("keyframes.npz", (), {"num_keypoints": kf["num_keypoints"] * 10}, r"store_bytes'\] is too small"),
     ]
 
 
@@ -181,7 +175,7 @@ def test_index_size_must_match_the_keyframes(small_depth_map, tmp_path):
     from reloc_ros.retrieval import RetrievalIndex
 
     m = _copy(small_depth_map, tmp_path / "m")
-    G = _arrays(m, "retrieval.npz")["global_descriptors"]
+    G = KeyframeMap.load(m).global_descriptors[:]
     RetrievalIndex.build(G[:-2]).save(m / "index.faiss")
     man = json.loads((m / "manifest.json").read_text())
     man["files"]["index.faiss"] = _sha256(m / "index.faiss")

@@ -168,7 +168,7 @@ def test_retrieval_config_is_validated():
     RetrievalConfig().validate()
     bad = [dict(index="lsh"), dict(flat_max_size=-1), dict(flat_max_size=10, hnsw_max_size=5),
            dict(pca_dim=-3), dict(pca_train_size=1), dict(hnsw_m=1), dict(hnsw_ef_search=0),
-           dict(ivf_nlist=-1), dict(ivf_nprobe=0), dict(pq_bytes=0), dict(rerank_shortlist=0)]
+           dict(ivf_nlist=-1), dict(ivf_nprobe=0), dict(pq_bytes=0), dict(rerank_shortlist=-1)]
     for kw in bad:
         with pytest.raises(ValueError):
             RetrievalConfig(**kw).validate()

@@ -129,7 +129,7 @@ def inlier_extent(x: np.ndarray, width: int, height: int) -> float:
 
 def _point_source(kmap, k: int) -> np.ndarray:
     """[Ni] uint8 point source (maps.POINT_*) of keyframe k's keypoints (aligned with points3d(k))."""
-    return kmap.point_source[kmap._off[k]: kmap._off[k + 1]]
+    return kmap.point_sources(k)
 
 
 @dataclass
