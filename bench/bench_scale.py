@@ -143,6 +143,30 @@ def _window(rng, kp: np.ndarray, size: np.ndarray, lo: float) -> np.ndarray:
     return np.flatnonzero(inside)
 
 
+def _word_sorted(vlad, x: np.ndarray):
+    """RootSIFT x [M, 128] sorted by visual word, so each word's residual sum over a subset
+    is one GEMM on a slice: (rank [M]: position of each feature in that order, sorted
+    residuals [M, 128], word bounds [k + 1])."""
+    cent = vlad.centroids
+    _, a = vlad._index.search(np.ascontiguousarray(x), 1)
+    a = a[:, 0]
+    order = np.argsort(a, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return rank, (x - cent[a])[order], np.searchsorted(a[order], np.arange(len(cent) + 1))
+
+
+def _subset_vlads(W: np.ndarray, resid: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """VLADs [V, D] of V feature subsets, W [V, M] 0/1 over the word-sorted features."""
+    k = len(bounds) - 1
+    acc = np.zeros((len(W), k, resid.shape[1]), np.float32)
+    for w in range(k):
+        lo, hi = bounds[w], bounds[w + 1]
+        if hi > lo:
+            acc[:, w] = W[:, lo:hi] @ resid[lo:hi]
+    return _finish_vlad(acc)
+
+
 def _finish_vlad(acc: np.ndarray) -> np.ndarray:
     """acc [m, k, 128] residual sums -> [m, k*128] VLAD as VladDescriptor.describe ends."""
     acc = acc / np.maximum(np.linalg.norm(acc, axis=2, keepdims=True), 1e-12)
@@ -161,7 +185,6 @@ def synthetic_map(F, vlad: VladDescriptor, base: np.ndarray, n_total: int, seed:
     nb = len(base)
     per = int(np.ceil(max(n_total - nb, 0) / nb))
     cent = vlad.centroids
-    k = len(cent)
     out = np.empty((n_total, cent.size), np.float32)
     for j, i in enumerate(base[:n_total]):
         out[j] = vlad.describe(Features(*_frame(F, i)))
@@ -179,14 +202,7 @@ def synthetic_map(F, vlad: VladDescriptor, base: np.ndarray, n_total: int, seed:
         kp_b, d_b = _frame(F, i)
         kp_s, d_s = _frame(F, s)
         x = root_sift(np.concatenate([d_b, d_s]))
-        _, a = vlad._index.search(np.ascontiguousarray(x), 1)
-        a = a[:, 0]
-        # features sorted by visual word: each word's residual sum is one GEMM on a slice
-        order = np.argsort(a, kind="stable")
-        rank = np.empty_like(order)
-        rank[order] = np.arange(len(order))
-        resid = (x - cent[a])[order]
-        bounds = np.searchsorted(a[order], np.arange(k + 1))
+        rank, resid, bounds = _word_sorted(vlad, x)
         W = np.zeros((per, len(x)), np.float32)
         for v in range(per):
             sb = _window(rng, kp_b, F["size"][i], 0.45)
@@ -197,12 +213,7 @@ def synthetic_map(F, vlad: VladDescriptor, base: np.ndarray, n_total: int, seed:
             if len(checks) < check and v == 0:
                 kp_all, d_all = np.concatenate([kp_b, kp_s]), np.concatenate([d_b, d_s])
                 checks.append((j, v, vlad.describe(Features(kp_all[sel], d_all[sel]))))
-        acc = np.zeros((per, k, x.shape[1]), np.float32)
-        for w in range(k):
-            lo, hi = bounds[w], bounds[w + 1]
-            if hi > lo:
-                acc[:, w] = W[:, lo:hi] @ resid[lo:hi]
-        desc = _finish_vlad(acc)
+        desc = _subset_vlads(W, resid, bounds)
         for v in range(per):
             pos = nb + v * nb + j
             if pos < n_total:
@@ -465,7 +476,6 @@ def tiled_vlads(base, n: int, seed: int = 0):
     vlad = VladDescriptor(RetrievalConfig())
     vlad.load_state(base.descriptor_state)
     cent = vlad.centroids
-    k_words = len(cent)
     G = np.empty((n, cent.size), np.float32)
     masks: List[List[np.ndarray]] = [[None] * tiles for _ in range(B)]
     for b in range(min(B, n)):
@@ -475,25 +485,14 @@ def tiled_vlads(base, n: int, seed: int = 0):
         if per == 0:
             continue
         x = root_sift(kd.descriptors)
-        _, a = vlad._index.search(np.ascontiguousarray(x), 1)
-        a = a[:, 0]
-        order = np.argsort(a, kind="stable")
-        rank = np.empty_like(order)
-        rank[order] = np.arange(len(order))
-        resid = (x - cent[a])[order]
-        bounds = np.searchsorted(a[order], np.arange(k_words + 1))
+        rank, resid, bounds = _word_sorted(vlad, x)
         W = np.zeros((per, len(x)), np.float32)
         for v in range(per):
             rng = np.random.default_rng([seed, v + 1, b])
             keep = rng.random(len(x)) < rng.uniform(0.6, 1.0)
             masks[b][v + 1] = keep
             W[v, rank[keep]] = 1.0
-        acc = np.zeros((per, k_words, x.shape[1]), np.float32)
-        for w in range(k_words):
-            lo, hi = bounds[w], bounds[w + 1]
-            if hi > lo:
-                acc[:, w] = W[:, lo:hi] @ resid[lo:hi]
-        desc = _finish_vlad(acc)
+        desc = _subset_vlads(W, resid, bounds)
         if b == 0:  # the batched VLAD is VladDescriptor.describe's
             ref = vlad.describe(Features(kd.keypoints[masks[0][1]], kd.descriptors[masks[0][1]]))
             if float(np.abs(desc[0] - ref).max()) > 1e-4:

@@ -37,17 +37,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
 
 from reloc_ros import __version__
 from reloc_ros.config import from_dict
-from reloc_ros.features import Features, SiftExtractor, root_sift, undistort_keypoints
+from reloc_ros.features import Features, root_sift
 from reloc_ros.geometry import check_pose, invert
 from reloc_ros.map_store import TABLE_KEYS, StoreWriter, committed_end, concat_tables, write_manifest
 from reloc_ros.maps import (MANIFEST, MAP_FORMAT_VERSION, PARTS, POINT_DEPTH, POINT_NONE, POINT_TRIANGULATED,
-                            KeyframeMap, MapBuildConfig, MapError, _depth_points, _load_npz, _swap_into_place,
-                            _triangulate_keyframe)
+                            KeyframeMap, MapBuildConfig, MapError, _load_npz, _swap_into_place,
+                            _triangulate_keyframe, stored_image, write_image)
+from reloc_ros.map_build import extract_keyframe
 from reloc_ros.retrieval import RetrievalConfig, RetrievalIndex, create_descriptor, index_kind_for
 from reloc_ros.types import InvalidInputError, PosedFrame
 
@@ -108,20 +108,11 @@ class _Lazy:
         return self.old(j) if j < self.n_old else self.new[j - self.n_old]
 
 
-def _frame_local_data(fr: PosedFrame, extractor: SiftExtractor, cfg: MapBuildConfig):
-    """What build_map computes per frame (same steps): features, depth points, stored image."""
-    feats = extractor(fr.image)
-    kp_ud = undistort_keypoints(feats.keypoints, fr.camera)
-    p = _depth_points(fr, kp_ud, cfg) if cfg.use_depth else np.full((len(kp_ud), 3), np.nan, np.float32)
-    h, w = fr.image.shape[:2]
-    s = min(1.0, cfg.image_max_size / max(h, w))
-    img = fr.image if fr.image.ndim == 3 else np.repeat(fr.image[:, :, None], 3, axis=2)
-    small = cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA) if s < 1 else img
-    return feats, kp_ud, p, small
-
-
-def _write_image(path: Path, rgb: np.ndarray) -> None:
-    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+def _frame_local_data(fr: PosedFrame, cfg: MapBuildConfig):
+    """What build_map computes per frame (the same functions): features, undistorted
+    keypoints, depth points, the stored image."""
+    feats, kp_ud, p = extract_keyframe(fr, cfg, None)
+    return feats, kp_ud, p, stored_image(fr.image, cfg.image_max_size)
 
 
 def _rig_rows(kf: Dict[str, np.ndarray], n: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -147,7 +138,6 @@ def add_keyframes(map_dir: str | Path, frames: Sequence[PosedFrame], use_depth: 
         cfg = _build_config(kmap)
         if use_depth is not None:
             cfg.use_depth = bool(use_depth)
-        extractor = SiftExtractor(cfg.features)
         n_old = kmap.num_keyframes
         known = set(kmap.names)
         new: Dict[str, list] = {k: [] for k in ("names", "T", "K", "sizes", "src_K", "src_sizes", "kp", "desc",
@@ -164,7 +154,7 @@ def add_keyframes(map_dir: str | Path, frames: Sequence[PosedFrame], use_depth: 
                 T = check_pose(fr.T_world_cam, f"pose of {fr.name}")
                 fr.camera.validate()
                 fr.T_world_cam = T
-                feats, kp_ud, p, small = _frame_local_data(fr, extractor, cfg)
+                feats, kp_ud, p, small = _frame_local_data(fr, cfg)
             except (InvalidInputError, OSError) as e:
                 log.warning("skipping frame %s: %s", name, e)
                 skipped.append([str(name), str(e)])
@@ -222,7 +212,7 @@ def add_keyframes(map_dir: str | Path, frames: Sequence[PosedFrame], use_depth: 
         finally:
             table = concat_tables(old_table, writer.close())
         for a, small in enumerate(images):
-            _write_image(root / "images" / f"{n_old + a:06d}.jpg", small)
+            write_image(root / "images" / f"{n_old + a:06d}.jpg", small)
         rcfg = _retrieval_config(kmap)
         n_all = n_old + m
         rebuilt = index_kind_for(n_all, rcfg) != kmap.index.kind

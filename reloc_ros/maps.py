@@ -680,6 +680,20 @@ def _depths(Ps, X) -> np.ndarray:
     return _project(Ps, X)[..., 2]
 
 
+def stored_image(image: np.ndarray, max_size: int) -> np.ndarray:
+    """A keyframe image [H, W] or [H, W, 3] as the map stores it: RGB uint8, downscaled
+    (INTER_AREA) so the long side is at most ``max_size`` pixels."""
+    h, w = image.shape[:2]
+    s = min(1.0, max_size / max(h, w))
+    img = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
+    return cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA) if s < 1 else img
+
+
+def write_image(path: Path, rgb: np.ndarray) -> None:
+    """Write a stored keyframe image [h, w, 3] RGB as JPEG (quality 92)."""
+    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+
+
 class _WithPoses:
     """``frames`` with some frames replaced (index -> PosedFrame); the others stay lazy."""
 
@@ -758,12 +772,9 @@ def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optiona
         T = fr.T_world_cam  # checked by extract_keyframes; unusable frames are in skipped
         # stored image: downscaled; keypoints are stored in its pixel frame
         h, w = fr.image.shape[:2]
-        s = min(1.0, cfg.image_max_size / max(h, w))
         k = len(names)
-        img = fr.image if fr.image.ndim == 3 else np.repeat(fr.image[:, :, None], 3, axis=2)
-        small = cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA) if s < 1 else img
-        cv2.imwrite(str(tmp / "images" / f"{k:06d}.jpg"), cv2.cvtColor(small, cv2.COLOR_RGB2BGR),
-                    [cv2.IMWRITE_JPEG_QUALITY, 92])
+        small = stored_image(fr.image, cfg.image_max_size)
+        write_image(tmp / "images" / f"{k:06d}.jpg", small)
         cam_s = fr.camera.scaled(small.shape[1] / w, small.shape[0] / h)
         names.append(fr.name)
         poses.append(T)

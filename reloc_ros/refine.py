@@ -672,14 +672,7 @@ def refine(frames: Sequence[PosedFrame], config: Optional[RefineConfig] = None,
     cam, pt, uv, okp = obs_f[valid_obs], tid[valid_obs], obs_uv[valid_obs], obs_k[valid_obs]
     ba = _BA(Rcw0, C0, K, cfg)
     for rnd in range(cfg.rounds):
-        # Renumber the surviving points, dropping those with fewer than two observations.
-        cnt = np.bincount(pt, minlength=len(X))
-        ok_o = cnt[pt] >= 2
-        cam, pt, uv, okp = cam[ok_o], pt[ok_o], uv[ok_o], okp[ok_o]
-        alive = np.unique(pt)
-        remap = np.full(len(X), -1)
-        remap[alive] = np.arange(len(alive))
-        X, pt = X[alive], remap[pt]
+        X, cam, pt, uv, okp = _keep_observed_points(X, cam, pt, uv, okp)
         if len(cam) == 0:
             break
         for _ in range(cfg.variance_iterations if cfg.estimate_prior_std else 1):
@@ -696,13 +689,7 @@ def refine(frames: Sequence[PosedFrame], config: Optional[RefineConfig] = None,
         proj, Xc = _project(R[cam], C[cam], K[cam], X[pt])
         good = (np.linalg.norm(proj - uv, axis=1) <= cfg.outlier_px) & (Xc[:, 2] > 0)
         cam, pt, uv, okp = cam[good], pt[good], uv[good], okp[good]
-    cnt = np.bincount(pt, minlength=len(X))
-    ok_o = cnt[pt] >= 2
-    cam, pt, uv, okp = cam[ok_o], pt[ok_o], uv[ok_o], okp[ok_o]
-    alive = np.unique(pt)
-    remap = np.full(len(X), -1)
-    remap[alive] = np.arange(len(alive))
-    X, pt = X[alive], remap[pt]
+    X, cam, pt, uv, okp = _keep_observed_points(X, cam, pt, uv, okp)
     t4 = time.perf_counter()
 
     # Scale and translation are not observed by the images: set them so the refined centres
@@ -805,6 +792,17 @@ def _init_points(P: np.ndarray, C: np.ndarray, obs_f: np.ndarray, obs_uv: np.nda
     obs_ok = np.zeros(len(obs_f), bool)
     obs_ok[order] = valid[t_o, s_o]
     return X, obs_ok
+
+
+def _keep_observed_points(X: np.ndarray, cam: np.ndarray, pt: np.ndarray, uv: np.ndarray, okp: np.ndarray):
+    """Drop points [M, 3] seen fewer than twice and their observations (frame index, point
+    index, pixel [.., 2], keypoint index), and renumber the points that stay."""
+    ok = np.bincount(pt, minlength=len(X))[pt] >= 2
+    cam, pt, uv, okp = cam[ok], pt[ok], uv[ok], okp[ok]
+    alive = np.unique(pt)
+    remap = np.full(len(X), -1)
+    remap[alive] = np.arange(len(alive))
+    return X[alive], cam, remap[pt], uv, okp
 
 
 def refine_frames(frames: Sequence[PosedFrame], config: Optional[RefineConfig] = None,
