@@ -45,6 +45,7 @@ import numpy as np
 import poselib
 
 from reloc_ros.config import from_dict
+from reloc_ros.estimators.base import Query
 from reloc_ros.estimators.geometric import GeometricConfig, inlier_extent, pnp_covariance
 from reloc_ros.features import match_descriptors, root_sift, undistort_keypoints
 from reloc_ros.geometry import check_pose, invert, make_T, rotation_angle_deg, skew, so3_exp, so3_log
@@ -316,9 +317,12 @@ class RigConfig:
         extrinsic error of camera i moves all its observations together, so it does not
         average down with its inlier count. 0 (default) adds nothing, as the single-camera
         path has no extrinsic; set them from the calibration report of the rig.
-    method: 'auto' (generalized pose for the geometric estimator, per-camera fusion for
-        the others), 'generalized' (geometric estimator only) or 'per_camera' (any
-        estimator: each camera localized alone, body poses fused; for comparison).
+    method: 'auto' (generalized pose for the geometric estimator, the multi-view query
+        for estimators that take several query views (``vggt-fused``), per-camera fusion
+        for the others, e.g. ``reloc3r``), 'generalized' (geometric estimator only),
+        'multi_view' (the capture's views as one query of the network; keyframes retrieved
+        per camera and merged; each view's camera pose moved to the body and fused) or
+        'per_camera' (any estimator: each camera localized alone, body poses fused).
     """
 
     min_spread_inliers: int = 6
@@ -327,7 +331,7 @@ class RigConfig:
     fusion_gate_chi2: float = _CHI2_6_999
     extrinsic_rotation_std_deg: float = 0.0
     extrinsic_translation_std_m: float = 0.0
-    method: Literal["auto", "generalized", "per_camera"] = "auto"
+    method: Literal["auto", "generalized", "multi_view", "per_camera"] = "auto"
 
     def validate(self) -> None:
         if self.min_spread_inliers < 1:
@@ -340,8 +344,9 @@ class RigConfig:
             raise ValueError("rig.fusion_gate_chi2 must be > 0")
         if not (self.extrinsic_rotation_std_deg >= 0 and self.extrinsic_translation_std_m >= 0):
             raise ValueError("rig.extrinsic_rotation_std_deg and rig.extrinsic_translation_std_m must be >= 0")
-        if self.method not in ("auto", "generalized", "per_camera"):
-            raise ValueError(f"rig.method must be 'auto', 'generalized' or 'per_camera', got {self.method!r}")
+        if self.method not in ("auto", "generalized", "multi_view", "per_camera"):
+            raise ValueError(f"rig.method must be 'auto', 'generalized', 'multi_view' or 'per_camera', "
+                             f"got {self.method!r}")
 
     @classmethod
     def from_dict(cls, data: Optional[dict]) -> "RigConfig":
@@ -433,6 +438,11 @@ class RigLocalizer:
         if self.rig_config.method == "generalized" and not self.geometric:
             raise ValueError(f"rig.method 'generalized' needs the geometric estimator, not {self.config.estimator!r}")
         self.generalized = self.geometric and self.rig_config.method != "per_camera"
+        takes_views = hasattr(self.localizer.estimator, "estimate_views")
+        if self.rig_config.method == "multi_view" and not takes_views:
+            raise ValueError(f"rig.method 'multi_view' needs an estimator that takes several query views "
+                             f"(vggt-fused), not {self.config.estimator!r}")
+        self.multi_view = takes_views and self.rig_config.method in ("auto", "multi_view")
         from reloc_ros.averaging import AveragingConfig
 
         self.averaging = from_dict(AveragingConfig, self.config.averaging, "averaging")
@@ -475,6 +485,8 @@ class RigLocalizer:
         if not cams:
             why = "; ".join(f"{r.name}: {r.reason}" for r in reports) or "empty capture"
             return done(RigLocalizationResult(Status.ERROR, message=f"no usable camera in the capture ({why})"))
+        if self.multi_view:
+            return done(self._multi_view(cams, reports, prior, timings))
         if not self.generalized:
             return done(self._per_camera(cams, reports, prior, timings))
 
@@ -859,6 +871,75 @@ class RigLocalizer:
         res = RigLocalizationResult(fr.status, fr.T_world_cam, fr.covariance, float(fr.confidence), fr.message,
                                     [o[1] for o, _ in used], [p.inliers for _, p in used], method="essential")
         return res
+
+    # -- learned estimators taking several query views: the capture as one query ---------
+    def _multi_view(self, cams: List[_CamData], reports: List[CameraReport], prior: Optional[PosePrior],
+                    timings: Dict[str, float]) -> RigLocalizationResult:
+        t0 = time.perf_counter()
+        ranked: List[List[int]] = []
+        views, who = [], []
+        for cd in cams:
+            rep = reports[cd.idx]
+            try:
+                feats = self.localizer.extractor(cd.image)
+            except InvalidInputError as e:
+                rep.state, rep.reason = "excluded", str(e)
+                continue
+            rep.features = len(feats)
+            if len(feats) < 8:  # retrieval needs local features; the network still sees the view
+                ranked.append([])
+            else:
+                near, glob = self._retrieve(cd, feats, prior)
+                ranked.append([int(k) for k in np.concatenate([near, glob])])
+            rep.keyframe_ids = ranked[-1][: self.config.top_k]
+            views.append(Query(cd.image, cd.camera, feats))
+            who.append(cd)
+        # the cameras' keyframe lists interleaved by rank: every camera contributes its best
+        kf: List[int] = []
+        for r in range(max((len(x) for x in ranked), default=0)):
+            for x in ranked:
+                if r < len(x) and x[r] not in kf:
+                    kf.append(x[r])
+        kf = kf[: self.config.top_k]
+        timings["retrieval"] = _ms(t0)
+        if not views or not kf:
+            return RigLocalizationResult(Status.NOT_LOCALIZED, method="multi_view",
+                                         message="no keyframe retrieved for any camera")
+        t1 = time.perf_counter()
+        try:
+            outs = self.localizer.estimator.estimate_views(views, kf, self.kmap)
+        except InvalidInputError as e:
+            return RigLocalizationResult(Status.ERROR, method="multi_view", message=str(e))
+        timings["estimator"] = _ms(t1)
+        Ts, Cs, used, confs = [], [], [], []
+        for cd, out in zip(who, outs):
+            rep = reports[cd.idx]
+            a = out.absolute
+            if a is None or a.covariance is None:
+                rep.state, rep.reason = "no_inliers", out.message or "no pose for this view"
+                continue
+            T_wb = a.T_world_cam @ invert(cd.T_base_cam)
+            Ts.append(T_wb)
+            Cs.append(camera_to_body_covariance(a.covariance, T_wb, cd.T_base_cam))
+            used.append(cd)
+            confs.append(float(a.confidence))
+            rep.inliers = int(a.inliers)
+        if not Ts:
+            return RigLocalizationResult(Status.NOT_LOCALIZED, method="multi_view",
+                                         message="no view got a pose: " + "; ".join(
+                                             f"{r.name}: {r.reason}" for r in reports if r.reason))
+        T, C, keep = fuse_body_poses(Ts, Cs, self.rig_config.fusion_gate_chi2)
+        for i, cd in enumerate(used):
+            rep = reports[cd.idx]
+            if keep[i]:
+                rep.state, rep.reason = "used", ""
+            else:
+                rep.state, rep.reason = "no_inliers", "its body pose disagrees with the other views (chi-square gate)"
+        kept = [i for i in range(len(used)) if keep[i]]
+        return RigLocalizationResult(Status.OK, T, C, float(max(confs[i] for i in kept)),
+                                     f"{len(kept)} of {len(views)} views of one multi-view query fused",
+                                     keyframe_ids=kf, inliers=[reports[used[i].idx].inliers for i in kept],
+                                     method="multi_view")
 
     # -- learned estimators: per-camera estimates fused --------------------------------
     def _per_camera(self, cams: List[_CamData], reports: List[CameraReport], prior: Optional[PosePrior],

@@ -100,6 +100,34 @@ def test_batched_masks_equal_the_explicit_masked_attention(fx, mask):
         assert float((a - b).abs().max()) <= 1e-5
 
 
+@pytest.mark.parametrize("mask", ["dense", "star", "cached"])
+def test_several_query_views_equal_the_explicit_masked_attention(fx, mask):
+    """A rig capture's Q views go in as one query: every mask's kernel (the KV-cache path
+    for ``cached``, warm and cold) equals the explicit mask with Q query frames; the views
+    see each other; Q = 1 given as [B, 1, 3, H, W] is the single-view network exactly."""
+    net = _reloc(fx, trained_tokenizer=True)
+    q1, kf, enc = _inputs(3)
+    views = torch.stack([q1[0], torch.rand(3, *HW, generator=torch.Generator().manual_seed(11)),
+                         torch.rand(3, *HW, generator=torch.Generator().manual_seed(12))])[None]  # [1, 3, 3, H, W]
+    with torch.no_grad():
+        ref = net.forward_reference(views, kf, enc, mask=mask)
+        out = net(views, kf, enc, mask=mask)
+        assert out["pose_enc"].shape == (1, 6, 9)
+        assert float((out["camera_tokens"] - ref["camera_tokens"]).abs().max()) <= 1e-5
+        if mask == "cached":
+            keys = ["a", "b", "c"]
+            net(views, kf, enc, mask=mask, kf_keys=keys)
+            warm = net(views, kf, enc, mask=mask, kf_keys=keys)
+            assert float((warm["pose_enc"] - out["pose_enc"]).abs().max()) <= 1e-6
+        # the first view's output depends on the other views (they attend to each other)
+        alone = net(q1, kf, enc, mask=mask)
+        assert float((alone["pose_enc"][0, 3] - out["pose_enc"][0, 3]).abs().max()) > 1e-6
+        one = net(q1[:, None], kf, enc, mask=mask)
+        assert torch.equal(one["pose_enc"], alone["pose_enc"])
+    m = global_attention_mask(5, 1, "star", num_queries=2)  # keyframes 0-2, views 3-4
+    assert m[0].tolist() == [True, False, False, True, True] and m[3].all() and m[4].all()
+
+
 def test_sparse_masks_differ_from_dense_once_keyframes_see_each_other(fx):
     net = _reloc(fx, trained_tokenizer=True)
     q, kf, enc = _inputs(3)
@@ -273,6 +301,41 @@ def tiny_map(tmp_path_factory, fx):
     save_file({k: v.contiguous() for k, v in fx["state_dict"].items()}, str(weights))
     query = open_dataset("7scenes", str(SCENES), frames="100:101", use_depth=False)[0]
     return KeyframeMap.load(path), weights, query
+
+
+def test_rig_capture_goes_in_as_one_multi_view_query(tiny_map, fx):
+    """A rig capture's views are one query of the network (issue 9, item 5): the views'
+    rows come from one forward in which they attend to each other, and RigLocalizer
+    takes that path for vggt-fused."""
+    from reloc_ros.datasets import open_dataset
+    from reloc_ros.estimators import Query, create
+    from reloc_ros.geometry import make_T
+    from reloc_ros.localizer import LocalizerConfig
+    from reloc_ros.rig import CameraView, RigConfig, RigLocalizer
+
+    kmap, weights, q = tiny_map
+    q2 = open_dataset("7scenes", str(SCENES), frames="160:161", use_depth=False)[0]
+    opts = dict(weights=str(weights), model_config=fx["config"], image_width=98, max_keyframes=3, mask="cached")
+    est = create("vggt-fused", opts)
+    ids = [4, 3, 5]
+    views = [Query(q.image, q.camera), Query(q2.image, q2.camera)]
+    kf_ids, both, _ = est._forward(views, ids, kmap)
+    _, alone, _ = est._forward(views[:1], ids, kmap)
+    assert kf_ids == ids and both.shape == (5, 4, 4) and alone.shape == (4, 4, 4)
+    assert np.abs(both[3] - alone[3]).max() > 1e-6  # the first view attends to the second
+    outs = est.estimate_views(views, ids, kmap)
+    assert len(outs) == 2 and all(o.absolute is not None or "Sim(3)" in o.message for o in outs)
+    cfg = LocalizerConfig(estimator="vggt-fused", estimator_options=opts, top_k=3)
+    rig = RigLocalizer(kmap, cfg)
+    T_b1 = make_T(np.eye(3), [0.1, 0.0, 0.0])
+    res = rig.localize([CameraView("a", q.image, q.camera, np.eye(4)), CameraView("b", q2.image, q2.camera, T_b1)])
+    assert res.method == "multi_view", res.message
+    assert all(r.keyframe_ids for r in res.cameras)
+    assert res.localized == (res.T_world_base is not None) and (res.localized or res.message)
+    assert RigLocalizer(kmap, cfg, RigConfig(method="per_camera")).localize(
+        [CameraView("a", q.image, q.camera, np.eye(4))]).method == "per_camera_fusion"
+    with pytest.raises(ValueError, match="multi_view"):
+        RigLocalizer(kmap, LocalizerConfig(), RigConfig(method="multi_view"))
 
 
 def test_estimator_refuses_without_weights_and_never_downloads(tmp_path):

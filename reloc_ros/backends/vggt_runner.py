@@ -252,9 +252,9 @@ class RelocVGGTRunner:
     def predict(self, query: torch.Tensor, keyframes: Union[torch.Tensor, Callable[[Sequence[int]], torch.Tensor]],
                 kf_pose_enc: Optional[torch.Tensor] = None, kf_keys: Optional[Sequence[Hashable]] = None
                 ) -> torch.Tensor:
-        """Pose encodings [1, K+1, 9] (float32, CPU) of K keyframes then the query.
+        """Pose encodings [1, K+Q, 9] (float32, CPU) of K keyframes then the query views.
 
-        query [1,3,H,W] and keyframes [1,K,3,H,W] in [0, 1] (or, for ``cached``, a loader
+        query [1,3,H,W] (Q = 1) or [1,Q,3,H,W] (the torch backend only) and keyframes [1,K,3,H,W] in [0, 1] (or, for ``cached``, a loader
         ``(indices) -> [M,3,H,W]`` asked only for cache misses, with ``kf_keys``).
         kf_pose_enc: [1, K, 9] from :func:`reloc_ros.models.reloc_vggt.encode_known_poses`.
         """

@@ -225,30 +225,36 @@ class VGGTFusedEstimator(Estimator):
         ref, scale = self._anchor
         return [ref] + [i for i in ids if i != ref], scale
 
-    def estimate(self, query: Query, keyframe_ids: Sequence[int], kmap: "KeyframeMap") -> EstimatorOutput:
+    def _forward(self, queries: Sequence[Query], keyframe_ids: Sequence[int], kmap: "KeyframeMap"
+                 ) -> Tuple[List[int], Optional[np.ndarray], Dict[str, float]]:
+        """One network forward over the first ``max_keyframes`` keyframes and the Q query
+        views: (keyframe ids, reference first; predicted T_ref_cam [K+Q, 4, 4] or None when
+        no keyframe was given; timings in ms)."""
         t0 = time.perf_counter()
         cfg = self.config
+        if not queries:
+            raise InvalidInputError("vggt-fused needs at least one query view")
         if self.runner is None or self._map_key != str(Path(kmap.path).resolve()):
             self.prepare(kmap)
-        query.camera.validate()
-        img = query.image
-        if not isinstance(img, np.ndarray) or img.ndim not in (2, 3):
-            raise InvalidInputError(f"query image must be [H,W] or [H,W,3], got {getattr(img, 'shape', type(img))}")
-        seen, ids = set(), []
-        for i in keyframe_ids:
-            i = int(i)
-            if not 0 <= i < kmap.num_keyframes:
-                raise InvalidInputError(f"keyframe id {i} outside the map's {kmap.num_keyframes} keyframes")
-            if i not in seen:
-                seen.add(i)
-                ids.append(i)
+        if self.runner.backend != "torch" and len(queries) > 1:
+            raise InvalidInputError(f"several query views need the torch backend, not {self.runner.backend!r}")
+        for q in queries:
+            q.camera.validate()
+            if not isinstance(q.image, np.ndarray) or q.image.ndim not in (2, 3):
+                raise InvalidInputError(
+                    f"query image must be [H,W] or [H,W,3], got {getattr(q.image, 'shape', type(q.image))}")
+        ids = list(dict.fromkeys(int(i) for i in keyframe_ids))
+        bad = [i for i in ids if not 0 <= i < kmap.num_keyframes]
+        if bad:
+            raise InvalidInputError(f"keyframe id {bad[0]} outside the map's {kmap.num_keyframes} keyframes")
         ids = ids[: cfg.max_keyframes]
         if not ids:
-            return EstimatorOutput(message="vggt-fused: no keyframes retrieved")
+            return ids, None, {}
         T_world = kmap.T_world_cam
         ids, scale = self._choose_anchor(ids, T_world)
-        hw = network_size(img.shape[1], img.shape[0], cfg.image_width, self.net.config.patch_size)
-        q_arr, _ = prepare_image(img, query.camera, hw)
+        img0 = queries[0].image
+        hw = network_size(img0.shape[1], img0.shape[0], cfg.image_width, self.net.config.patch_size)
+        views = np.stack([prepare_image(q.image, q.camera, hw)[0] for q in queries])
         # Keyframe intrinsics after the same crop/resize, without loading their images.
         kf_K = np.stack([prepared_intrinsics(kmap.cameras[i], hw) for i in ids])
         enc, _ = encode_known_poses(T_world[ids], kf_K, hw, scale=scale)
@@ -259,26 +265,61 @@ class VGGTFusedEstimator(Estimator):
 
         keys = [(self._map_key, i) for i in ids]
         kf_src = load if cfg.mask == "cached" else load(range(len(ids)))[None]
+        # one view keeps the single-query input [1, 3, H, W] every backend's graphs take
+        q_in = torch.from_numpy(views[0])[None] if len(queries) == 1 else torch.from_numpy(views)[None]
         t1 = time.perf_counter()
-        pose_enc = self.runner.predict(torch.from_numpy(q_arr)[None], kf_src, torch.from_numpy(enc)[None], kf_keys=keys)
+        pose_enc = self.runner.predict(q_in, kf_src, torch.from_numpy(enc)[None], kf_keys=keys)
         t2 = time.perf_counter()
-        T_ref_cam = predicted_T_ref_cam(pose_enc[0], hw)
-        timings = {"preprocess": (t1 - t0) * 1e3, "network": (t2 - t1) * 1e3}
-        if not np.all(np.isfinite(T_ref_cam)):
-            return EstimatorOutput(message="vggt-fused: the network predicted non-finite poses", timings_ms=timings)
-        if cfg.fusion == "motion_averaging":
-            T_kf_q = relative_pairs(T_ref_cam)
-            pairs = [PairEstimate(i, T_kf_q[j], 1.0, 0, False) for j, i in enumerate(ids)]
-            timings["fusion"] = (time.perf_counter() - t2) * 1e3
-            return EstimatorOutput(pairs=pairs, timings_ms=timings)
-        res = sim3_localize(T_world[ids], T_ref_cam, cfg.sim3)
-        timings["fusion"] = (time.perf_counter() - t2) * 1e3
+        return ids, predicted_T_ref_cam(pose_enc[0], hw), {"preprocess": (t1 - t0) * 1e3, "network": (t2 - t1) * 1e3}
+
+    def _sim3(self, ids: List[int], T_ref_cam: np.ndarray, kmap: "KeyframeMap", timings: Dict[str, float]
+              ) -> EstimatorOutput:
+        """The query's pose from keyframes + one query row T_ref_cam [K+1, 4, 4] (robust Sim(3))."""
+        t = time.perf_counter()
+        res = sim3_localize(kmap.T_world_cam[ids], T_ref_cam, self.config.sim3)
+        timings = {**timings, "fusion": (time.perf_counter() - t) * 1e3}
         if res.T_world_cam is None:
             return EstimatorOutput(message=f"vggt-fused: {res.message}", timings_ms=timings)
         used = [i for i, m in zip(ids, res.inlier_mask) if m]
         est = AbsoluteEstimate(res.T_world_cam, res.covariance, int(res.inlier_mask.sum()), used,
                                confidence=float(res.confidence))
         return EstimatorOutput(absolute=est, timings_ms=timings, message=res.message)
+
+    def estimate(self, query: Query, keyframe_ids: Sequence[int], kmap: "KeyframeMap") -> EstimatorOutput:
+        ids, T_ref_cam, timings = self._forward([query], keyframe_ids, kmap)
+        if T_ref_cam is None:
+            return EstimatorOutput(message="vggt-fused: no keyframes retrieved")
+        if not np.all(np.isfinite(T_ref_cam)):
+            return EstimatorOutput(message="vggt-fused: the network predicted non-finite poses", timings_ms=timings)
+        if self.config.fusion == "motion_averaging":
+            t = time.perf_counter()
+            T_kf_q = relative_pairs(T_ref_cam)
+            pairs = [PairEstimate(i, T_kf_q[j], 1.0, 0, False) for j, i in enumerate(ids)]
+            timings["fusion"] = (time.perf_counter() - t) * 1e3
+            return EstimatorOutput(pairs=pairs, timings_ms=timings)
+        return self._sim3(ids, T_ref_cam, kmap, timings)
+
+    def estimate_views(self, queries: Sequence[Query], keyframe_ids: Sequence[int], kmap: "KeyframeMap"
+                       ) -> List[EstimatorOutput]:
+        """Several views taken together (a rig capture's cameras) as one multi-view query:
+        one forward over the keyframes and all Q views, each view attending to the others
+        (every mask). Each view's camera pose comes from its own predicted row through the
+        robust Sim(3) to the keyframes, as a single query's does. Returns one output per
+        view (an absolute estimate, or only a message). Several views need the PyTorch
+        backend (the exported ONNX / TensorRT graphs take one view): InvalidInputError."""
+        ids, T_ref_cam, timings = self._forward(queries, keyframe_ids, kmap)
+        if T_ref_cam is None:
+            return [EstimatorOutput(message="vggt-fused: no keyframes retrieved") for _ in queries]
+        K = len(ids)
+        outs = []
+        for v in range(len(queries)):
+            T_v = np.concatenate([T_ref_cam[:K], T_ref_cam[K + v: K + v + 1]])
+            if not np.all(np.isfinite(T_v)):
+                outs.append(EstimatorOutput(message="vggt-fused: the network predicted non-finite poses",
+                                            timings_ms=dict(timings)))
+            else:
+                outs.append(self._sim3(ids, T_v, kmap, dict(timings)))
+        return outs
 
 
 def _trained_meta(weights: str) -> Optional[Dict[str, Any]]:

@@ -71,24 +71,26 @@ KeyframeSource = Union[torch.Tensor, Callable[[Sequence[int]], torch.Tensor]]
 # ----------------------------------------------------------------------------- masks
 
 
-def global_attention_mask(num_frames: int, tokens_per_frame: int, mask: str, device=None) -> torch.Tensor:
+def global_attention_mask(num_frames: int, tokens_per_frame: int, mask: str, device=None,
+                          num_queries: int = 1) -> torch.Tensor:
     """Boolean global-attention mask [S*P, S*P] (True = may attend), rows = queries.
 
-    Frames 0..S-2 are keyframes, frame S-1 the query. ``dense``: all True. ``star``:
-    keyframe rows see their own frame and the query frame. ``cached``: keyframe rows see
-    only their own frame. The query's rows see every frame in all three.
+    Frames 0..S-Q-1 are keyframes, the last Q = ``num_queries`` frames the query views
+    (one camera, or the cameras of one rig capture). ``dense``: all True. ``star``:
+    keyframe rows see their own frame and every query view. ``cached``: keyframe rows see
+    only their own frame. The query views' rows see every frame in all three.
     This explicit form defines the masks; the network uses equivalent batched kernels.
     """
     if mask not in MASKS:
         raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
-    S, P = num_frames, tokens_per_frame
+    S, P, Q = num_frames, tokens_per_frame, num_queries
     frame = torch.arange(S, device=device).repeat_interleave(P)
     allowed = torch.ones(S, S, dtype=torch.bool, device=device)
     if mask != "dense":
         allowed = torch.eye(S, dtype=torch.bool, device=device)
-        allowed[S - 1, :] = True
+        allowed[S - Q:, :] = True
         if mask == "star":
-            allowed[:, S - 1] = True
+            allowed[:, S - Q:] = True
     return allowed[frame][:, frame]
 
 
@@ -245,12 +247,12 @@ class RelocVGGT(nn.Module):
 
     def _add_pose_tokens(self, tokens: torch.Tensor, B: int, S: int, kf_pose_enc: Optional[torch.Tensor]
                          ) -> torch.Tensor:
-        """tokens [B*S, P, C] with frames (keyframes..., query); adds the tokenizer output
-        to each camera token (nothing at all when ``kf_pose_enc`` is None)."""
+        """tokens [B*S, P, C] with frames (keyframes..., query views); adds the tokenizer
+        output to each camera token (nothing at all when ``kf_pose_enc`` is None)."""
         if kf_pose_enc is None:
             return tokens
         emb = self.pose_tokenizer(kf_pose_enc)  # [B, K, C]
-        unk = self.pose_tokenizer.unknown.expand(B, 1, -1)
+        unk = self.pose_tokenizer.unknown.expand(B, S - emb.shape[1], -1)
         emb = torch.cat((emb, unk), dim=1).reshape(B * S, 1, -1).to(tokens.dtype)
         return torch.cat((tokens[:, :1] + emb, tokens[:, 1:]), dim=1)
 
@@ -264,18 +266,26 @@ class RelocVGGT(nn.Module):
         reg = agg.register_token[0].index_select(0, slots)
         return torch.cat((cam, reg, patches), dim=1)
 
+    @staticmethod
+    def _views(query: torch.Tensor) -> torch.Tensor:
+        """query [B, 3, H, W] (one view) or [B, Q, 3, H, W] (Q views of one capture) -> [B, Q, 3, H, W]."""
+        if query.dim() == 4 and query.shape[1] == 3:
+            return query[:, None]
+        if query.dim() == 5 and query.shape[2] == 3 and query.shape[1] >= 1:
+            return query
+        raise InvalidInputError(f"query must be [B,3,H,W] or [B,Q,3,H,W], got {tuple(query.shape)}")
+
     def _check(self, query: torch.Tensor, keyframes: Optional[torch.Tensor]) -> Tuple[int, int, int]:
-        if query.dim() != 4 or query.shape[1] != 3:
-            raise InvalidInputError(f"query must be [B,3,H,W], got {tuple(query.shape)}")
-        B, _, H, W = query.shape
+        """query [B, Q, 3, H, W] (see ``_views``) -> (B, H, W), keyframes checked against it."""
+        B, _, _, H, W = query.shape
         p = self.config.patch_size
         if H % p or W % p or H == 0 or W == 0:
             raise InvalidInputError(f"image size {H}x{W} is not a positive multiple of the patch size {p}")
         if keyframes is not None:
-            if (keyframes.dim() != 5 or keyframes.shape[0] != B or keyframes.shape[2:] != query.shape[1:]
+            if (keyframes.dim() != 5 or keyframes.shape[0] != B or keyframes.shape[2:] != query.shape[2:]
                     or keyframes.shape[1] < 1):
                 raise InvalidInputError(
-                    f"keyframes must be [B,K>=1,3,H,W] matching the query {tuple(query.shape)}, "
+                    f"keyframes must be [B,K>=1,3,H,W] matching the query {tuple(query.shape[2:])}, "
                     f"got {tuple(keyframes.shape)}")
         return B, H, W
 
@@ -285,11 +295,12 @@ class RelocVGGT(nn.Module):
             raise InvalidInputError(f"kf_pose_enc must be [{B},{K},9], got {tuple(kf_pose_enc.shape)}")
 
     def _sequence(self, query: torch.Tensor, keyframes: torch.Tensor, kf_pose_enc: Optional[torch.Tensor]):
-        """Checked inputs -> (input tokens [B*S, P, C] of (keyframes..., query) with pose
-        tokens added, rope for the patch grid, B, S)."""
+        """Checked inputs -> (input tokens [B*S, P, C] of (keyframes..., query views) with
+        pose tokens added, rope for the patch grid, B, S)."""
+        query = self._views(query)
         B, H, W = self._check(query, keyframes)
         self._check_enc(kf_pose_enc, B, keyframes.shape[1])
-        images = torch.cat((keyframes.to(self.dtype), query.to(self.dtype)[:, None]), dim=1)
+        images = torch.cat((keyframes.to(self.dtype), query.to(self.dtype)), dim=1)
         S = images.shape[1]
         tokens = self._add_pose_tokens(self.aggregator.embed_frames(images), B, S, kf_pose_enc)
         return tokens, self._rope(H, W, images.device), B, S
@@ -298,17 +309,18 @@ class RelocVGGT(nn.Module):
     def forward(self, query: torch.Tensor, keyframes: KeyframeSource, kf_pose_enc: Optional[torch.Tensor] = None,
                 mask: str = "dense", kf_keys: Optional[Sequence[Hashable]] = None,
                 num_iterations: Optional[int] = None) -> Dict[str, object]:
-        """Predict the cameras of K keyframes and a query.
+        """Predict the cameras of K keyframes and a query (or Q query views).
 
-        query: [B, 3, H, W] in [0, 1]. keyframes: [B, K, 3, H, W] in [0, 1] (the first is
+        query: [B, 3, H, W] in [0, 1], or [B, Q, 3, H, W]: Q views taken together (a rig
+        capture's cameras), each with its own output row. keyframes: [B, K, 3, H, W] in [0, 1] (the first is
         the reference), or for ``cached`` with B = 1 a callable ``(indices) -> [M,3,H,W]``
         that is only asked for the keyframes missing from the cache.
         kf_pose_enc: [B, K, 9] known keyframe poses from :func:`encode_known_poses`, or
         None for no pose tokens (then ``dense`` is VGGT exactly).
         mask: 'dense' | 'star' | 'cached'. kf_keys: K hashable keyframe identities
         (``cached`` only; None disables the cache for this call).
-        Returns {'pose_enc_list': list of [B, K+1, 9] (keyframes then query, every
-        refinement iteration), 'pose_enc': the last, 'camera_tokens': [B, K+1, 2C]}.
+        Returns {'pose_enc_list': list of [B, K+Q, 9] (keyframes then query views, every
+        refinement iteration), 'pose_enc': the last, 'camera_tokens': [B, K+Q, 2C]}.
         """
         if mask not in MASKS:
             raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
@@ -321,7 +333,7 @@ class RelocVGGT(nn.Module):
             if mask == "dense":
                 last = self.aggregator.run_blocks(tokens, B, S, rope, keep_all=False)[-1]
             else:
-                last = self._run_star(tokens, B, S, rope)
+                last = self._run_star(tokens, B, S, rope, num_queries=S - keyframes.shape[1])
             cams = last[:, :, 0]
         enc = self.camera_head.from_camera_tokens(cams.float(), num_iterations)
         return {"pose_enc_list": enc, "pose_enc": enc[-1], "camera_tokens": cams}
@@ -341,7 +353,8 @@ class RelocVGGT(nn.Module):
         if mask == "dense":
             last = self.aggregator.run_blocks(tokens, B, S, rope, keep_all=False)[-1]
         else:
-            last = self._run_star(tokens, B, S, rope, kf_sees_query=mask == "star")
+            last = self._run_star(tokens, B, S, rope, kf_sees_query=mask == "star",
+                                  num_queries=S - keyframes.shape[1])
         cams = last[:, :, 0]
         # The camera head runs at its own (float32 or float64) precision, outside any
         # autocast region, as VGGT's heads do.
@@ -358,7 +371,7 @@ class RelocVGGT(nn.Module):
         Returns forward's dict plus 'tokens_list' (per layer [B, K+1, P, 2C])."""
         tokens, rope, B, S = self._sequence(query, keyframes, kf_pose_enc)
         P, C = tokens.shape[1:]
-        am = global_attention_mask(S, P, mask, tokens.device)
+        am = global_attention_mask(S, P, mask, tokens.device, num_queries=S - keyframes.shape[1])
         rope_g = (rope[0].repeat(1, 1, S, 1), rope[1].repeat(1, 1, S, 1))
         x = tokens
         out = []
@@ -374,15 +387,18 @@ class RelocVGGT(nn.Module):
         enc = self.camera_head.from_camera_tokens(cams.float(), num_iterations)
         return {"pose_enc_list": enc, "pose_enc": enc[-1], "camera_tokens": cams, "tokens_list": out}
 
-    def _run_star(self, tokens: torch.Tensor, B: int, S: int, rope, kf_sees_query: bool = True) -> torch.Tensor:
+    def _run_star(self, tokens: torch.Tensor, B: int, S: int, rope, kf_sees_query: bool = True,
+                  num_queries: int = 1) -> torch.Tensor:
         """Star-masked alternating attention on tokens [B*S, P, C] -> last layer [B, S, P, 2C].
 
-        Keyframe k's queries attend to [frame k, query frame] (batched as B*K sequences
-        of 2P keys), the query's to all S*P keys: linear in K. ``kf_sees_query=False``
-        gives the ``cached`` mask (keyframe k attends to its own frame only) for a whole
-        batch with autograd, as training needs; inference uses the KV-cache path."""
+        Keyframe k's queries attend to [frame k, the Q query views] (batched as B*K
+        sequences of (1+Q)P keys), the query views' to all S*P keys: linear in K.
+        ``kf_sees_query=False`` gives the ``cached`` mask (keyframe k attends to its own
+        frame only) for a whole batch with autograd, as training needs; inference uses the
+        KV-cache path."""
         P, C = tokens.shape[1:]
-        K = S - 1
+        Q = num_queries
+        K = S - Q
         x = tokens
         f_out = x
         for fb, gb in zip(self.aggregator.frame_blocks, self.aggregator.global_blocks):
@@ -392,17 +408,22 @@ class RelocVGGT(nn.Module):
             h, d = q.shape[1], q.shape[3]
             q, k, v = (t.reshape(B, S, h, P, d) for t in (q, k, v))
             if kf_sees_query:
-                kq, vq = k[:, K:], v[:, K:]
-                k_kf = torch.cat((k[:, :K], kq.expand(B, K, h, P, d)), dim=3).reshape(B * K, h, 2 * P, d)
-                v_kf = torch.cat((v[:, :K], vq.expand(B, K, h, P, d)), dim=3).reshape(B * K, h, 2 * P, d)
+                # the query views' keys side by side: [B, 1, h, Q*P, d]
+                kq, vq = (t[:, K:].permute(0, 2, 1, 3, 4).reshape(B, 1, h, Q * P, d) for t in (k, v))
+                k_kf = torch.cat((k[:, :K], kq.expand(B, K, h, Q * P, d)), dim=3).reshape(B * K, h, (1 + Q) * P, d)
+                v_kf = torch.cat((v[:, :K], vq.expand(B, K, h, Q * P, d)), dim=3).reshape(B * K, h, (1 + Q) * P, d)
             else:
                 k_kf = k[:, :K].reshape(B * K, h, P, d)
                 v_kf = v[:, :K].reshape(B * K, h, P, d)
             o_kf = F.scaled_dot_product_attention(q[:, :K].reshape(B * K, h, P, d), k_kf, v_kf)
             k_all = k.transpose(1, 2).reshape(B, h, S * P, d)
             v_all = v.transpose(1, 2).reshape(B, h, S * P, d)
-            o_q = F.scaled_dot_product_attention(q[:, K], k_all, v_all)
-            o = torch.cat((o_kf.reshape(B, K, h, P, d), o_q[:, None]), dim=1).reshape(B * S, h, P, d)
+            if Q == 1:
+                o_q = F.scaled_dot_product_attention(q[:, K], k_all, v_all)[:, None]
+            else:
+                q_q = q[:, K:].permute(0, 2, 1, 3, 4).reshape(B, h, Q * P, d)
+                o_q = F.scaled_dot_product_attention(q_q, k_all, v_all).reshape(B, h, Q, P, d).permute(0, 2, 1, 3, 4)
+            o = torch.cat((o_kf.reshape(B, K, h, P, d), o_q), dim=1).reshape(B * S, h, P, d)
             x = x + gb.ls1(gb.attn.out(o))
             x = gb.ffn(x)
         return torch.cat((f_out, x), dim=-1).reshape(B, S, P, 2 * C)
@@ -444,6 +465,7 @@ class RelocVGGT(nn.Module):
     def _cached_camera_tokens(self, query: torch.Tensor, keyframes: KeyframeSource,
                               kf_pose_enc: Optional[torch.Tensor], kf_keys: Optional[Sequence[Hashable]]) -> torch.Tensor:
         is_tensor = isinstance(keyframes, torch.Tensor)
+        query = self._views(query)
         B, H, W = self._check(query, keyframes if is_tensor else None)
         if B != 1:
             raise InvalidInputError(f"mask 'cached' runs one query at a time (B = 1), got B = {B}")
@@ -482,18 +504,18 @@ class RelocVGGT(nn.Module):
                 states[i] = st
                 if cache_keys[i] is not None:
                     self.kv_cache.put(cache_keys[i], st)
-        return self._query_step(query, states, cache_keys if kf_keys is not None else None, kf_pose_enc is not None)
+        return self._query_step(query[0], states, cache_keys if kf_keys is not None else None, kf_pose_enc is not None)
 
-    def _stacked_kv(self, states: List[_KFState], keys: Optional[List[Tuple]], P: int):
-        """Key/value buffers [L, 1, h, (K+1) P, d] with the keyframes' part filled and room
-        for the query's P tokens at the end; memoised for a repeated keyframe list."""
-        tag = tuple(keys) if keys is not None else None
+    def _stacked_kv(self, states: List[_KFState], keys: Optional[List[Tuple]], P: int, Q: int = 1):
+        """Key/value buffers [L, 1, h, (K+Q) P, d] with the keyframes' part filled and room
+        for the Q query views' tokens at the end; memoised for a repeated keyframe list."""
+        tag = (tuple(keys), Q) if keys is not None else None
         memo = self.kv_cache.stacked
         if tag is not None and memo is not None and memo[0] == tag:
             return memo[1]
         L, h, _, d = states[0].k.shape
         K = len(states)
-        kbuf = states[0].k.new_empty(L, 1, h, (K + 1) * P, d)
+        kbuf = states[0].k.new_empty(L, 1, h, (K + Q) * P, d)
         vbuf = torch.empty_like(kbuf)
         for i, st in enumerate(states):
             kbuf[:, 0, :, i * P:(i + 1) * P] = st.k
@@ -505,26 +527,35 @@ class RelocVGGT(nn.Module):
     @torch.no_grad()
     def _query_step(self, query: torch.Tensor, states: List[_KFState], keys: Optional[List[Tuple]],
                     use_pose_tokens: bool) -> torch.Tensor:
-        """The query's tokens through every layer, its global attention reading the
-        keyframes' cached keys/values plus its own. Returns camera tokens [1, K+1, 2C]."""
-        _, _, H, W = query.shape
-        x = self._embed_slots(query, torch.ones(1, dtype=torch.long, device=query.device))
+        """The query views' tokens (query [Q, 3, H, W]) through every layer, their global
+        attention reading the keyframes' cached keys/values plus the views' own.
+        Returns camera tokens [1, K+Q, 2C]."""
+        Q, _, H, W = query.shape
+        x = self._embed_slots(query, torch.ones(Q, dtype=torch.long, device=query.device))
         if use_pose_tokens:
             x = torch.cat((x[:, :1] + self.pose_tokenizer.unknown.to(x.dtype), x[:, 1:]), dim=1)
         P = x.shape[1]
         rope = self._rope(H, W, query.device)
-        kbuf, vbuf = self._stacked_kv(states, keys, P)
+        kbuf, vbuf = self._stacked_kv(states, keys, P, Q)
         K = len(states)
         f_out = x
         for li, (fb, gb) in enumerate(zip(self.aggregator.frame_blocks, self.aggregator.global_blocks)):
             x = fb(x, rope)
             f_out = x
-            q, k, v = gb.attn.qkv_heads(gb.norm1(x), rope)
-            kbuf[li, :, :, K * P:] = k
-            vbuf[li, :, :, K * P:] = v
-            x = x + gb.ls1(gb.attn.out(F.scaled_dot_product_attention(q, kbuf[li], vbuf[li])))
+            q, k, v = gb.attn.qkv_heads(gb.norm1(x), rope)  # [Q, h, P, d]
+            if Q == 1:
+                kbuf[li, :, :, K * P:] = k
+                vbuf[li, :, :, K * P:] = v
+                x = x + gb.ls1(gb.attn.out(F.scaled_dot_product_attention(q, kbuf[li], vbuf[li])))
+            else:
+                h, d = q.shape[1], q.shape[3]
+                kbuf[li, 0, :, K * P:] = k.transpose(0, 1).reshape(h, Q * P, d)
+                vbuf[li, 0, :, K * P:] = v.transpose(0, 1).reshape(h, Q * P, d)
+                qq = q.transpose(0, 1).reshape(1, h, Q * P, d)
+                o = F.scaled_dot_product_attention(qq, kbuf[li], vbuf[li]).reshape(h, Q, P, d).transpose(0, 1)
+                x = x + gb.ls1(gb.attn.out(o))
             x = gb.ffn(x)
-        q_cam = torch.cat((f_out[:, 0], x[:, 0]), dim=-1)  # [1, 2C]
+        q_cam = torch.cat((f_out[:, 0], x[:, 0]), dim=-1)  # [Q, 2C]
         kf_cam = torch.stack([st.cam for st in states])  # [K, 2C]
         return torch.cat((kf_cam, q_cam), dim=0)[None]
 
