@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -210,6 +210,16 @@ def run_split(split: Split, out: Path, loc_cfg: LocalizerConfig, map_options: di
     return s
 
 
+def print_table(rows: List[str], extra_columns: Sequence[str] = ()) -> None:
+    """The markdown table of ``_row`` lines (plus any extra columns the rows carry)."""
+    cols = ["split", "median t / r", "recall 5cm/5deg", "localized", "latency p50 / p90 ms",
+            "independent pipeline", *extra_columns]
+    print("\n| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print(r)
+
+
 def _row(name: str, s: dict) -> str:
     ref = REFERENCE.get(name)
     refs = (f"{ref[0]:g} cm / {ref[1]:g} deg" + (f", {ref[2]:.2f}" if ref[2] is not None else "")) if ref else "-"
@@ -266,10 +276,7 @@ def main(argv=None) -> int:
             st = s["stage_latency_ms"]
             print("  latency p50 by stage: " + ", ".join(f"{k} {v['p50']:.0f}" for k, v in st.items()
                                                          if k != "total"), flush=True)
-    print("\n| split | median t / r | recall 5cm/5deg | localized | latency p50 / p90 ms | independent pipeline |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(r)
+    print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(summaries, indent=1, default=float))
     return 0

@@ -141,11 +141,7 @@ def main(argv=None) -> int:
                 rows.append(bench_core._row(f"{name} {tag}", r[tag]) + (f" {move} |" if tag == "refined" else " - |"))
                 print(rows[-1], flush=True)
         print(f"{name}: {time.perf_counter() - t0:.0f} s, load average {os.getloadavg()}", flush=True)
-    print("\n| split | median t / r | recall 5cm/5deg | localized | latency p50 / p90 ms | independent pipeline "
-          "| poses moved median / max |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(r)
+    bench_core.print_table(rows, ["poses moved median / max"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=float))
     return 0

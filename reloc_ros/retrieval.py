@@ -67,7 +67,8 @@ class RetrievalConfig:
         the shortlist's rows). 0 = by index kind: 200 for HNSW, 1000 for IVF-PQ. PQ codes
         rank near-duplicate places coarsely: on a 10^5-keyframe map tiled from 100 real
         keyframes, a shortlist of 200 held the exact top-10 for recall@10 0.886 (nprobe 32
-        or 64), 1000 for 1.000 at ~9 ms a query (bench_scale.py, issue-12 notes).
+        or 64), 1000 for 1.000 at ~9 ms a query (bench_scale.py; chosen on those same
+        maps, docs/RESULTS.md).
     use_gpu: put the index on a GPU when faiss-gpu and a GPU are present (flat and
         IVF-PQ; HNSW stays on the CPU, FAISS has no GPU HNSW).
     """

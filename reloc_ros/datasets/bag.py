@@ -11,7 +11,7 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -588,24 +588,32 @@ def _choose_topics(topics: Dict[str, str], path: Path, use_depth: bool, opts: Ba
     return _Topics(image, topics[image], info, pose, depth, depth_info)
 
 
+def _messages(reader, wanted, tf: TfTree) -> Iterator[Tuple[object, int, int, object]]:
+    """The bag's messages on the ``wanted`` topics in log order, as (connection, log time
+    ns, ordinal among messages of that topic logged at the same ns, deserialised message);
+    every /tf and /tf_static message goes into ``tf`` instead."""
+    conns = [c for c in reader.connections if c.topic in wanted or c.msgtype == TF_TYPE]
+    seen_at: Dict[Tuple[str, int], int] = defaultdict(int)
+    for conn, log_ns, raw in reader.messages(connections=conns):
+        ordinal = seen_at[(conn.topic, log_ns)]
+        seen_at[(conn.topic, log_ns)] += 1
+        msg = reader.deserialize(raw, conn.msgtype)
+        if conn.msgtype == TF_TYPE:
+            static = conn.topic.rstrip("/").endswith("tf_static")
+            for ts in msg.transforms:
+                tf.add(ts.header.frame_id, ts.child_frame_id, stamp_ns(ts, log_ns),
+                       _transform_to_T(ts.transform.translation, ts.transform.rotation), static)
+            continue
+        yield conn, log_ns, ordinal, msg
+
+
 def _scan(reader, path: Path, tp: _Topics, opts: BagOptions) -> _Scan:
     """One pass over the bag: image/depth metadata (no pixels), camera_info, poses, TF."""
-    wanted = tp.wanted()
-    conns = [c for c in reader.connections if c.topic in wanted or c.msgtype == TF_TYPE]
     sc = _Scan(TfTree(int(round(opts.max_gap * 1e9))))
-    seen_at: Dict[Tuple[str, int], int] = defaultdict(int)
     try:
-        for conn, log_ns, raw in reader.messages(connections=conns):
+        for conn, log_ns, ordinal, msg in _messages(reader, tp.wanted(), sc.tf):
             topic = conn.topic
-            ordinal = seen_at[(topic, log_ns)]  # tells apart messages logged at the same ns
-            seen_at[(topic, log_ns)] += 1
-            msg = reader.deserialize(raw, conn.msgtype)
-            if conn.msgtype == TF_TYPE:
-                static = topic.rstrip("/").endswith("tf_static")
-                for ts in msg.transforms:
-                    sc.tf.add(ts.header.frame_id, ts.child_frame_id, stamp_ns(ts, log_ns),
-                              _transform_to_T(ts.transform.translation, ts.transform.rotation), static)
-            elif topic == tp.image:
+            if topic == tp.image:
                 size = None if tp.image_type.endswith("CompressedImage") else (int(msg.width), int(msg.height))
                 sc.images.append(_ImgMeta(stamp_ns(msg, log_ns), log_ns, ordinal, _frame_id(msg.header.frame_id),
                                           size))
@@ -855,21 +863,10 @@ def _scan_rig(reader, path: Path, cams: List[_RigCam], pose_topic: Optional[str]
     for c in cams:
         by_info[c.info].append(c)  # two cameras may share one camera_info topic
     wanted = set(by_image) | set(by_info) | ({pose_topic} if pose_topic else set())
-    conns = [c for c in reader.connections if c.topic in wanted or c.msgtype == TF_TYPE]
     sc = _Scan(TfTree(int(round(opts.max_gap * 1e9))))
-    seen_at: Dict[Tuple[str, int], int] = defaultdict(int)
     try:
-        for conn, log_ns, raw in reader.messages(connections=conns):
+        for conn, log_ns, ordinal, msg in _messages(reader, wanted, sc.tf):
             topic = conn.topic
-            ordinal = seen_at[(topic, log_ns)]
-            seen_at[(topic, log_ns)] += 1
-            msg = reader.deserialize(raw, conn.msgtype)
-            if conn.msgtype == TF_TYPE:
-                static = topic.rstrip("/").endswith("tf_static")
-                for ts in msg.transforms:
-                    sc.tf.add(ts.header.frame_id, ts.child_frame_id, stamp_ns(ts, log_ns),
-                              _transform_to_T(ts.transform.translation, ts.transform.rotation), static)
-                continue
             if topic in by_image:
                 c = by_image[topic]
                 size = None if c.image_type.endswith("CompressedImage") else (int(msg.width), int(msg.height))

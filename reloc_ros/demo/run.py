@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -70,7 +70,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _main_rig(args)
 
     from reloc_ros.datasets import write_folder_dataset
-    from reloc_ros.demo.procs import NodeProcess, isolated_ros_env, launch_unavailable, with_ament_prefix
     from reloc_ros.demo.scene import ProceduralRoom, demo_camera, orbit_poses, render_frames
     from reloc_ros.maps import MapBuildConfig, build_map
 
@@ -92,32 +91,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     qdir = write_folder_dataset(queries, out / "queries", overwrite=True)
     del map_frames
 
-    env = with_ament_prefix(isolated_ros_env())
-    why_not = "--no-launch given" if args.no_launch else launch_unavailable(env)
     params = {"map_path": str(map_dir), "estimator": args.estimator, "max_rate": 0.0, "diagnostics_period": 0.5,
               "transform_tolerance": 0.2}
-    node = NodeProcess(params, env, log_path=out / "reloc_node.log", workdir=out,
-                       remaps={"image": "/camera/image_raw", "camera_info": "/camera/camera_info"},
-                       use_launch=why_not is None)
-    how = "with `ros2 " + " ".join(node.cmd[1:]) + "`" if why_not is None else f"as a plain process ({why_not})"
-    print(f"[demo] starting reloc_node {how} (ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']}, log {node.log_path})",
-          flush=True)
-    results = out / "results.json"
-    rc = 1
-    with node:
-        cmd = [sys.executable, "-m", "reloc_ros.demo.replay", "--src", str(qdir), "--out", str(results),
-               "--timeout", str(args.timeout), "--tolerance", "0.2"]
-        try:
-            rp = subprocess.run(cmd, env=env, timeout=args.timeout * (args.queries + 2))
-            rc = rp.returncode
-        except subprocess.TimeoutExpired:
-            print("[demo] replay timed out", flush=True)
-        alive = node.alive()
-    if rc != 0 or not results.exists():
-        print(f"[demo] replay failed (exit {rc}); node log tail:\n{node.log_tail()}", flush=True)
+    data, alive = _node_and_replay(args, out, "demo", params,
+                                   {"image": "/camera/image_raw", "camera_info": "/camera/camera_info"},
+                                   ["reloc_ros.demo.replay", "--src", str(qdir), "--tolerance", "0.2"])
+    if data is None:
         return 1
-
-    data = json.loads(results.read_text())
     rows = data["frames"]
     pub = [r for r in rows if r["published"]]
     t_err = [100 * r["cam_t_m"] for r in pub]
@@ -151,9 +131,37 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0 if ok else 1
 
 
+def _node_and_replay(args, out: Path, tag: str, params: dict, remaps: Optional[dict], replay: List[str]
+                     ) -> Tuple[Optional[dict], bool]:
+    """Start reloc_node (through ``ros2 launch`` when available) on a private DDS domain, run
+    the replay module ``replay[0]`` with its arguments against it, and return (the replay's
+    results JSON, or None when it failed; whether the node was still running at the end)."""
+    from reloc_ros.demo.procs import NodeProcess, isolated_ros_env, launch_unavailable, with_ament_prefix
+
+    env = with_ament_prefix(isolated_ros_env())
+    why_not = "--no-launch given" if args.no_launch else launch_unavailable(env)
+    node = NodeProcess(params, env, log_path=out / "reloc_node.log", workdir=out, remaps=remaps,
+                       use_launch=why_not is None)
+    how = "with `ros2 " + " ".join(node.cmd[1:]) + "`" if why_not is None else f"as a plain process ({why_not})"
+    print(f"[{tag}] starting reloc_node {how} (ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']}, log {node.log_path})",
+          flush=True)
+    results = out / "results.json"
+    rc = 1
+    with node:
+        cmd = [sys.executable, "-m", *replay, "--out", str(results), "--timeout", str(args.timeout)]
+        try:
+            rc = subprocess.run(cmd, env=env, timeout=args.timeout * (args.queries + 2)).returncode
+        except subprocess.TimeoutExpired:
+            print(f"[{tag}] replay timed out", flush=True)
+        alive = node.alive()
+    if rc != 0 or not results.exists():
+        print(f"[{tag}] replay failed (exit {rc}); node log tail:\n{node.log_tail()}", flush=True)
+        return None, alive
+    return json.loads(results.read_text()), alive
+
+
 def _main_rig(args) -> int:
     """``--rig``: map the room with the rig, run the node on its four cameras, replay captures."""
-    from reloc_ros.demo.procs import NodeProcess, isolated_ros_env, launch_unavailable, with_ament_prefix
     from reloc_ros.demo.rig_scene import RigSceneConfig, demo_rig, render_rig_frames, rig_path
     from reloc_ros.demo.scene import ProceduralRoom
     from reloc_ros.maps import MapBuildConfig, build_map
@@ -179,28 +187,13 @@ def _main_rig(args) -> int:
     print(f"[demo-rig] built map {map_dir} in {time.monotonic() - t0:.1f} s", flush=True)
     del map_frames
 
-    env = with_ament_prefix(isolated_ros_env())
-    why_not = "--no-launch given" if args.no_launch else launch_unavailable(env)
     params = {"map_path": str(map_dir), "estimator": args.estimator, "max_rate": 0.0, "diagnostics_period": 0.5,
               "transform_tolerance": 0.2, "cameras": rig.names, "image_qos": "reliable"}
-    node = NodeProcess(params, env, log_path=out / "reloc_node.log", workdir=out, use_launch=why_not is None)
-    how = "with `ros2 " + " ".join(node.cmd[1:]) + "`" if why_not is None else f"as a plain process ({why_not})"
-    print(f"[demo-rig] starting reloc_node {how} (ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']}, log {node.log_path})",
-          flush=True)
-    results = out / "results.json"
-    rc = 1
-    with node:
-        cmd = [sys.executable, "-m", "reloc_ros.demo.rig_replay", "--captures", str(args.queries), "--size",
-               f"{w}x{h}", "--cameras", ",".join(rig.names), "--out", str(results), "--timeout", str(args.timeout)]
-        try:
-            rc = subprocess.run(cmd, env=env, timeout=args.timeout * (args.queries + 2)).returncode
-        except subprocess.TimeoutExpired:
-            print("[demo-rig] replay timed out", flush=True)
-        alive = node.alive()
-    if rc != 0 or not results.exists():
-        print(f"[demo-rig] replay failed (exit {rc}); node log tail:\n{node.log_tail()}", flush=True)
+    data, alive = _node_and_replay(args, out, "demo-rig", params, None,
+                                   ["reloc_ros.demo.rig_replay", "--captures", str(args.queries), "--size",
+                                    f"{w}x{h}", "--cameras", ",".join(rig.names)])
+    if data is None:
         return 1
-    data = json.loads(results.read_text())
     rows = data["captures"]
     pub = [r for r in rows if r["published"]]
     t_err = [1e3 * r["body_t_m"] for r in pub]
