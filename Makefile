@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared
 
-.PHONY: setup demo demo-rig test bench bench-covariance bench-sequence bench-node bench-models bench-rig bench-scale gpu-check train-demo demo-trained clean
+.PHONY: setup demo demo-rig test bench bench-covariance bench-sequence bench-node bench-models bench-rig bench-scale bench-build gpu-check train-demo demo-trained clean
 
 setup:
 	bash scripts/setup_env.sh $(VENV)
@@ -33,6 +33,10 @@ bench-rig: setup
 
 bench-scale: setup
 	$(PY) bench/bench_scale.py --shared $(SHARED)
+
+# make bench-build [BASELINE=/path/to/a/checkout/of/an/older/commit]
+bench-build: setup
+	$(PY) bench/bench_build.py --shared $(SHARED) $(if $(BASELINE),--baseline $(BASELINE))
 
 # trains the compact fused model from scratch on rendered rooms and measures it (issue 11 proof)
 train-demo: setup

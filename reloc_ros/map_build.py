@@ -403,20 +403,24 @@ class _LazyRoots(dict):
 
 def triangulate_region(region: Sequence[int], nbrs: Dict[int, np.ndarray], kps: Dict[int, np.ndarray],
                        descs: Dict[int, np.ndarray], T: Dict[int, np.ndarray], Ks: Dict[int, np.ndarray],
-                       names: Dict[int, str], cfg, cached: Optional[dict]) -> Tuple[List[np.ndarray], Optional[dict]]:
+                       names: Dict[int, str], need: Dict[int, np.ndarray], cfg,
+                       cached: Optional[dict]) -> Tuple[List[np.ndarray], Optional[dict]]:
     """Work of one region: triangulated points [Ni, 3] float32 (NaN = none) of each keyframe
-    in ``region`` (global keyframe ids), and the pair matches it computed (when ``cached``
-    is a dict: the caller's known matches for these pairs, keyed as ``maps`` keys them).
+    in ``region`` (global keyframe ids) for its keypoints in ``need`` (bool [Ni]), and the
+    full-row pair matches it computed (when ``cached`` is a dict: the caller's known
+    matches for these pairs, keyed as ``maps.PairMatcher`` keys them).
 
     kps / descs / T / Ks / names: keypoints [n, 2] (undistorted source pixels), uint8 SIFT
     [n, 128], T_world_cam [4, 4], source intrinsics [3, 3] and names of the region's
     keyframes and of every neighbour in ``nbrs`` (keyframe id -> neighbour ids).
     """
-    from reloc_ros.maps import _triangulate_keyframe
+    from reloc_ros.maps import PairMatcher, _triangulate_keyframe
 
     roots = _LazyRoots(descs)
     cache = dict(cached) if cached is not None else None
-    out = [_triangulate_keyframe(i, kps, roots, T, Ks, cfg, names, cache, nbrs=nbrs[i]) for i in region]
+    match = PairMatcher(roots, need, cfg, names, ((i, int(j)) for i in region for j in nbrs[i]), cache)
+    out = [_triangulate_keyframe(i, kps, roots, T, Ks, cfg, names, nbrs=nbrs[i], matches=match(i, nbrs[i]))
+           for i in region]
     new = {k: v for k, v in cache.items() if k not in cached} if cache is not None else None
     return out, new
 
@@ -434,27 +438,28 @@ def _morton_order(centres: np.ndarray) -> np.ndarray:
 
 
 def plan_regions(T_all: np.ndarray, todo: Sequence[int], workers: int, max_region: int = 32) -> List[List[int]]:
-    """Keyframes ``todo`` grouped into spatially compact regions: about 4 per worker (load
-    balance), at most ``max_region`` keyframes each (what one task ships stays bounded)."""
+    """Keyframes ``todo`` grouped into spatially compact regions: one per worker while they
+    hold at most ``max_region`` keyframes (what one task ships stays bounded), else of that
+    size. Few, large regions: a task ships and RootSIFT-normalises its keyframes'
+    neighbours too, which, spread over distance ranks, are mostly outside the region, and
+    a pair is matched once only when both of its keyframes are in the same region."""
     todo = np.asarray(todo, np.int64)
     if len(todo) == 0:
         return []
     order = todo[_morton_order(T_all[todo, :3, 3])]
-    size = max(1, min(max_region, math.ceil(len(todo) / (4 * max(1, workers)))))
+    size = max(1, min(max_region, math.ceil(len(todo) / max(1, workers))))
     return [order[k:k + size].tolist() for k in range(0, len(order), size)]
 
 
-def _triangulate_regions(ex: Executor, todo: List[int], kps, descs, T_all, Ks, names, cfg,
-                         feature_cache: Optional[dict], fill: Callable[[int, np.ndarray], None]) -> None:
+def _triangulate_regions(ex: Executor, todo: List[int], nbrs: Dict[int, np.ndarray], kps, descs, T_all, Ks, names,
+                         needs_point: Dict[int, np.ndarray], cfg, feature_cache: Optional[dict],
+                         fill: Callable[[int, np.ndarray], None]) -> None:
     """``triangulate_points`` on workers: one task per spatial region (``plan_regions``)."""
-    from reloc_ros.maps import _select_neighbors
-
-    nbrs = {i: _select_neighbors(T_all, i, cfg.triangulation) for i in todo}
     regions = plan_regions(T_all, todo, ex.workers)
 
     def tasks() -> Iterator[tuple]:
         for region in regions:
-            need = sorted(set(region).union(*(nbrs[i].tolist() for i in region)))
+            involved = sorted(set(region).union(*(nbrs[i].tolist() for i in region)))
             cached = None
             if feature_cache is not None:
                 cached = {}
@@ -463,8 +468,10 @@ def _triangulate_regions(ex: Executor, todo: List[int], kps, descs, T_all, Ks, n
                         key = ("matches", names[i], names[j])
                         if key in feature_cache:
                             cached[key] = feature_cache[key]
-            yield (region, {i: nbrs[i] for i in region}, {j: kps[j] for j in need}, {j: descs[j] for j in need},
-                   {j: T_all[j] for j in need}, {j: Ks[j] for j in need}, {j: names[j] for j in need}, cfg, cached)
+            yield (region, {i: nbrs[i] for i in region}, {j: kps[j] for j in involved},
+                   {j: descs[j] for j in involved}, {j: T_all[j] for j in involved}, {j: Ks[j] for j in involved},
+                   {j: names[j] for j in involved},
+                   {i: needs_point[i] for i in region}, cfg, cached)
 
     for region, (tris, new) in zip(regions, ex.imap(triangulate_region, tasks())):
         for i, tri in zip(region, tris):
@@ -487,11 +494,13 @@ def triangulate_points(kps: List[np.ndarray], descs: List[np.ndarray], T_all: np
     a 10-frame room), so for the maps to be equal it runs, as sequentially, in the calling
     thread with its limits, where it would spin-wait for cores the workers hold.
     """
-    from reloc_ros.maps import _triangulate_keyframe
+    from reloc_ros.maps import PairMatcher, _select_neighbors, _triangulate_keyframe
 
-    todo = [i for i in range(len(names)) if (~np.isfinite(pts[i][:, 0])).any()]
+    needs_point = {i: ~np.isfinite(p[:, 0]) for i, p in enumerate(pts)}
+    todo = [i for i in range(len(names)) if needs_point[i].any()]
     if not todo:
         return
+    nbrs = {i: _select_neighbors(T_all, i, cfg.triangulation) for i in todo}
     progress = Progress(len(todo), "map build: triangulation")
 
     def fill(i: int, tri: np.ndarray) -> None:
@@ -506,10 +515,14 @@ def triangulate_points(kps: List[np.ndarray], descs: List[np.ndarray], T_all: np
             if isinstance(ex, SerialExecutor):
                 # The sequential build: every keyframe's RootSIFT computed once, nothing shipped.
                 roots = [root_sift(d) for d in descs]
+                match = PairMatcher(roots, needs_point, cfg, names, ((i, int(j)) for i in todo for j in nbrs[i]),
+                                    feature_cache)
                 for i in todo:
-                    fill(i, _triangulate_keyframe(i, kps, roots, T_all, Ks, cfg, names, feature_cache))
+                    fill(i, _triangulate_keyframe(i, kps, roots, T_all, Ks, cfg, names, nbrs=nbrs[i],
+                                                  matches=match(i, nbrs[i])))
             else:
-                _triangulate_regions(ex, todo, kps, descs, T_all, Ks, names, cfg, feature_cache, fill)
+                _triangulate_regions(ex, todo, nbrs, kps, descs, T_all, Ks, names, needs_point, cfg, feature_cache,
+                                     fill)
         finally:
             progress.close()
 

@@ -79,9 +79,9 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import poselib
-import scipy.sparse as sp
-import scipy.linalg
+
+# poselib, scipy.sparse and scipy.linalg are imported where used: maps imports this module
+# for RefineConfig, and every map build and node start would pay ~0.2 s for them.
 
 from reloc_ros.features import FeatureConfig, SiftExtractor, match_descriptors, root_sift, undistort_keypoints
 from reloc_ros.geometry import check_pose, project_to_so3, rotation_angle_deg, umeyama
@@ -351,6 +351,8 @@ def _verify_pair(x1: np.ndarray, x2: np.ndarray, K1: np.ndarray, K2: np.ndarray,
     # Keypoints are already undistorted.
     cams = [{"model": "PINHOLE", "width": 0, "height": 0, "params": [K[0, 0], K[1, 1], K[0, 2], K[1, 2]]}
             for K in (K1, K2)]
+    import poselib
+
     _, info = poselib.estimate_relative_pose(x1[gate].astype(np.float64), x2[gate].astype(np.float64), cams[0],
                                              cams[1], {"max_epipolar_error": cfg.verify_px, "min_iterations": 100,
                                                        "max_iterations": 2000}, {})
@@ -429,14 +431,18 @@ class _Coupling:
         self.indptr = np.searchsorted(cam[self.order], np.arange(n + 1)).astype(np.int64)
         self.shape = (6 * n, 3 * m)
         self.blocks = blocks[self.order]
+        import scipy.sparse as sp
+
         self.mat = sp.bsr_matrix((self.blocks, self.pt, self.indptr), shape=self.shape)
         self.T = self.mat.T
 
     def __matmul__(self, x):
         return self.mat @ x
 
-    def times_block_diag(self, D: np.ndarray) -> sp.bsr_matrix:
-        """W @ blockdiag(D) for D [m, 3, 3]."""
+    def times_block_diag(self, D: np.ndarray):
+        """W @ blockdiag(D) for D [m, 3, 3], a scipy.sparse.bsr_matrix."""
+        import scipy.sparse as sp
+
         return sp.bsr_matrix((np.einsum("oij,ojk->oik", self.blocks, D[self.pt]), self.pt, self.indptr),
                              shape=self.shape)
 
@@ -505,6 +511,8 @@ class _BA:
     @staticmethod
     def _schur(U, V, W: "_Coupling", lam):
         """Damped reduced camera matrix S [6n, 6n], V^-1 blocks [m, 3, 3] and W V^-1 (sparse)."""
+        import scipy.linalg
+
         Ud = U.copy()
         Ud[:, np.arange(6), np.arange(6)] *= 1 + lam
         Vd = V.copy()
@@ -515,6 +523,8 @@ class _BA:
         return S, Vinv, WVi
 
     def run(self, R, C, X, cam, pt, uv) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        import scipy.linalg
+
         n, m = len(R), len(X)
         lam = 1e-3
         cost, e, w = self.cost(R, C, X, cam, pt, uv)
@@ -555,6 +565,8 @@ class _BA:
         contributes its full prior residual; a direction only the prior fixes contributes none.
         Returns the estimated stds (deg, m, px) before bounding.
         """
+        import scipy.linalg
+
         n = len(R)
         _, e, w = self.cost(R, C, X, cam, pt, uv)
         U, _, V, _, W = self._normal(R, C, X, cam, pt, e, w)

@@ -2,7 +2,8 @@ import cv2
 import numpy as np
 import pytest
 
-from reloc_ros.features import FeatureConfig, SiftExtractor, match_descriptors, root_sift, to_grey
+from reloc_ros.features import (FeatureConfig, SiftExtractor, match_descriptors, match_descriptors_both, root_sift,
+                                to_grey)
 from reloc_ros.types import InvalidInputError
 
 
@@ -38,6 +39,28 @@ def test_max_keypoints_and_rootsift_norm(seven_scenes):
     f = SiftExtractor(FeatureConfig(max_keypoints=100))(_image(seven_scenes))
     assert len(f) == 100 and f.descriptors.dtype == np.uint8
     np.testing.assert_allclose(np.linalg.norm(root_sift(f.descriptors), axis=1), 1.0, atol=1e-5)
+
+
+def _sorted(m):
+    return m[np.lexsort((m[:, 1], m[:, 0]))]
+
+
+def test_one_gemm_matches_both_directions_and_row_subsets_match_the_full_result(seven_scenes):
+    a = SiftExtractor()(_image(seven_scenes, 100)).root()
+    b = SiftExtractor()(_image(seven_scenes, 115)).root()
+    ab, ba = match_descriptors_both(a, b)
+    assert len(ab) > 200 and len(ba) > 200
+    np.testing.assert_array_equal(ab, match_descriptors(a, b))
+    # the reverse ratio test uses the other image's second best: a different set, same rules
+    np.testing.assert_array_equal(_sorted(ba), _sorted(match_descriptors(b, a)))
+    assert not np.array_equal(_sorted(ab), _sorted(ba[:, ::-1]))
+    rows = np.nonzero(np.random.default_rng(0).random(len(a)) < 0.3)[0]
+    sub = match_descriptors(a, b, rows=rows)
+    np.testing.assert_array_equal(sub, ab[np.isin(ab[:, 0], rows)])
+    assert match_descriptors(a, b, rows=rows[:0]).shape == (0, 2)
+    # without the mutual check the subset still equals the full result restricted to it
+    full = match_descriptors(a, b, mutual=False)
+    np.testing.assert_array_equal(match_descriptors(a, b, mutual=False, rows=rows), full[np.isin(full[:, 0], rows)])
 
 
 def test_blank_image_gives_no_features_and_no_matches():

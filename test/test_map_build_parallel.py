@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from reloc_ros.demo.scene import ProceduralRoom, RoomConfig, demo_camera, orbit_poses, render_frames
-from reloc_ros.features import FeatureConfig
+from reloc_ros.features import FeatureConfig, SiftExtractor, match_descriptors
 from reloc_ros.map_build import ProcessExecutor, Progress, SerialExecutor, make_executor, plan_regions
-from reloc_ros.maps import POINT_DEPTH, POINT_TRIANGULATED, KeyframeMap, MapBuildConfig, build_map
+from reloc_ros.maps import POINT_DEPTH, POINT_TRIANGULATED, KeyframeMap, MapBuildConfig, PairMatcher, build_map
 from reloc_ros.types import InvalidInputError, PosedFrame
 
 try:
@@ -89,6 +89,27 @@ def test_process_pool_build_equals_serial(room_frames, serial_map, tmp_path):
     _assert_same_map(serial_map, again)
 
 
+def test_pair_matcher_matches_each_pair_once_with_the_per_pair_result(room_frames):
+    cfg = _cfg(1)
+    frames = [f for f in room_frames if f.name != "not_rigid"][:4]
+    roots = [SiftExtractor(cfg.features)(f.image).root() for f in frames]
+    names = [f.name for f in frames]
+    rng = np.random.default_rng(1)
+    # keyframes 0, 1 need every point (RGB-only), 2, 3 a third (depth elsewhere)
+    need = {i: np.ones(len(r), bool) if i < 2 else rng.random(len(r)) < 0.33 for i, r in enumerate(roots)}
+    pairs = [(0, 1), (1, 0), (0, 2), (2, 0), (2, 3), (3, 1)]
+    cache: dict = {}
+    match = PairMatcher(roots, need, cfg, names, pairs, cache)
+    for i, j in pairs:
+        got = match(i, [j])[j]
+        full = match_descriptors(roots[i], roots[j], cfg.features.ratio, cfg.features.mutual)
+        np.testing.assert_array_equal(got[np.lexsort(got.T[::-1])], full[need[i][full[:, 0]]])
+    # (0, 1) and (1, 0) came from one GEMM and both went to the caller's cache; the
+    # subset-matched pairs did not (the cache holds full-row matches only)
+    assert {("matches", names[0], names[1]), ("matches", names[1], names[0])} <= set(cache)
+    assert ("matches", names[2], names[3]) not in cache
+
+
 def test_worker_errors_reach_the_caller(room_frames, tmp_path):
     bad = PosedFrame("float_image", room_frames[0].image.astype(np.float32), room_frames[0].T_world_cam,
                      room_frames[0].camera)
@@ -126,9 +147,11 @@ def test_executor_choice_and_regions():
     T = np.tile(np.eye(4), (40, 1, 1))
     T[:, 0, 3] = np.r_[np.linspace(0, 1, 20), np.linspace(10, 11, 20)][np.random.default_rng(0).permutation(40)]
     regions = plan_regions(T, range(40), workers=2)
-    assert sorted(sum(regions, [])) == list(range(40)) and len(regions) == 8
+    assert sorted(sum(regions, [])) == list(range(40)) and len(regions) == 2
     for r in regions:
         assert np.ptp(T[r, 0, 3]) <= 1.0
+    regions = plan_regions(T, range(40), workers=2, max_region=5)
+    assert sorted(sum(regions, [])) == list(range(40)) and len(regions) == 8
 
 
 def test_progress_prints_count_rate_and_eta():

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import numpy as np
-from scipy.spatial.transform import Rotation
 
 from reloc_ros.geometry import rotation_angle_deg
 
@@ -60,6 +59,10 @@ def interpolate_poses(t_query: np.ndarray, t_samples: np.ndarray, T_samples: np.
                     reasons[m] = f"nearest pose sample is {n * u:.6g} s away (max_dt {max_dt * u:.6g} s)"
         idx, a, b, t0, t, gap = idx[good], a[good], b[good], t0[good], t[good], gap[good]
         if len(idx):
+            # imported here: scipy.spatial costs ~0.3 s at start-up, and every map build
+            # imports this module while only bags interpolate
+            from scipy.spatial.transform import Rotation
+
             alpha = (t - t0).astype(np.float64) / gap
             R0 = Rotation.from_matrix(T_s[a, :3, :3])
             R1 = Rotation.from_matrix(T_s[b, :3, :3])

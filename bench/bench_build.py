@@ -1,0 +1,112 @@
+"""Map-building throughput: fresh `reloc-map build` processes, interleaved (prints; asserts nothing).
+
+    .venv/bin/python bench/bench_build.py [--shared ../shared] [--reps 3] [--out out/bench_build]
+        [--baseline DIR] [--splits 7s-depth,kitti]
+
+Per split and repetition, in one interleaved series (so that a shared machine's load
+hits every variant alike): ``--workers 1`` (the sequential build, in-process) and
+``--workers 0`` (every core, the default), both of this tree, and, with ``--baseline DIR``
+(a checkout of an earlier commit, e.g. ``git worktree add /tmp/base <rev>``), that tree's
+sequential build. Printed: median wall time of the whole process (imports included),
+the build's own stage times (manifest ``build_seconds``), and the throughput ratio of
+each variant to the first one. The maps of every variant are compared point for point
+(3D points are the end product of the build; the keypoints and descriptors follow from
+the same extraction code).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SPLITS = {  # name: (reader format, dataset folder, frames)
+    "7s-depth": ("7scenes", "7scenes_redkitchen_0000_0499", "0:250:5"),
+    "kitti": ("kitti", "kitti_odometry_06_0000_0050", "0:51:2"),
+    "strecha": ("strecha", "strecha_herzjesus_p25_half", "0:25:1"),
+}
+
+
+def build_once(tree: Path, split: str, data: Path, out: Path, workers: int) -> dict:
+    """One `reloc-map build` in a fresh process importing ``tree``'s reloc_ros."""
+    fmt, folder, frames = SPLITS[split]
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    cmd = [sys.executable, "-m", "reloc_ros.cli.map_cli", "build", "--format", fmt, str(data / folder),
+           "--frames", frames, "-o", str(out), "--workers", str(workers), "--overwrite"]
+    t = time.perf_counter()
+    # cwd=tree: `python -m` puts the working directory first on sys.path, ahead of an
+    # editable install of another tree
+    res = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if res.returncode != 0:
+        raise RuntimeError(f"build failed ({' '.join(cmd)}):\n{res.stderr[-2000:]}")
+    stages = json.loads((out / "manifest.json").read_text())["build_seconds"]
+    return {"wall": wall, **stages}
+
+
+def point_difference(a: Path, b: Path) -> str:
+    """Max |dP| (m) over the points both maps have, and whether the same keypoints have one."""
+    from reloc_ros.maps import KeyframeMap
+
+    ma, mb = KeyframeMap.load(a), KeyframeMap.load(b)
+    if ma.names != mb.names:
+        return "different keyframes"
+    dmax, same = 0.0, True
+    for k in range(ma.num_keyframes):
+        pa, pb = ma.points3d(k), mb.points3d(k)
+        fa, fb = np.isfinite(pa[:, 0]), np.isfinite(pb[:, 0])
+        same &= bool(np.array_equal(fa, fb))
+        both = fa & fb
+        if both.any():
+            dmax = max(dmax, float(np.abs(pa[both] - pb[both]).max()))
+    return f"{'same' if same else 'DIFFERENT'} point sets, max |dP| {dmax:.2g} m"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shared", default=str(REPO.parent / "shared"))
+    ap.add_argument("--splits", default="7s-depth,kitti")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--baseline", default="", help="checkout of an earlier commit: its sequential build is the reference")
+    ap.add_argument("--out", default=str(REPO / "out" / "bench_build"))
+    args = ap.parse_args(argv)
+    data = Path(args.shared) / "data"
+    if not data.is_dir():
+        print(f"no shared data at {data}: nothing to measure", file=sys.stderr)
+        return 2
+    variants = [("this tree, --workers 1", REPO, 1), ("this tree, --workers 0 (all cores)", REPO, 0)]
+    if args.baseline:
+        variants.insert(0, (f"baseline {args.baseline}, --workers 1", Path(args.baseline).resolve(), 1))
+    out = Path(args.out)
+    print(f"{os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f} at start")
+    for split in args.splits.split(","):
+        runs = {v[0]: [] for v in variants}
+        for rep in range(args.reps):
+            for name, tree, workers in variants:
+                r = build_once(tree, split, data, out / split / f"v{variants.index((name, tree, workers))}", workers)
+                runs[name].append(r)
+                print(f"  {split} rep {rep} {name}: {r['wall']:.2f} s (load {os.getloadavg()[0]:.1f})", flush=True)
+        ref = statistics.median(r["wall"] for r in runs[variants[0][0]])
+        print(f"\n{split}: median of {args.reps} (wall s, process start to exit; stages from the manifest)")
+        print("| variant | wall | features | triangulation | total in build | throughput vs first |")
+        print("|---|---|---|---|---|---|")
+        for name, _, _ in variants:
+            med = {k: statistics.median(r[k] for r in runs[name]) for k in ("wall", "features", "triangulation", "total")}
+            print(f"| {name} | {med['wall']:.2f} | {med['features']:.2f} | {med['triangulation']:.2f} | "
+                  f"{med['total']:.2f} | {ref / med['wall']:.2f}x |")
+        for k in range(1, len(variants)):
+            print(f"maps: {variants[k][0]} vs {variants[0][0]}: "
+                  f"{point_difference(out / split / 'v0', out / split / f'v{k}')}")
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
