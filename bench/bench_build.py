@@ -12,6 +12,10 @@ the build's own stage times (manifest ``build_seconds``), and the throughput rat
 each variant to the first one. The maps of every variant are compared point for point
 (3D points are the end product of the build; the keypoints and descriptors follow from
 the same extraction code).
+
+``--thread-scaling`` also prints what a second thread gives the two kernels that dominate
+a build, SIFT extraction and the pair-similarity GEMM, in this process: how much of the
+sequential build already runs on both cores.
 """
 from __future__ import annotations
 
@@ -69,6 +73,38 @@ def point_difference(a: Path, b: Path) -> str:
     return f"{'same' if same else 'DIFFERENT'} point sets, max |dP| {dmax:.2g} m"
 
 
+def thread_scaling(data: Path) -> None:
+    """ms per SIFT extraction (mean over 5 frames of 7-Scenes and of KITTI) and per
+    2048x2048x128 GEMM, with 1 and 2 library threads, alternating twice."""
+    from reloc_ros.datasets import open_dataset
+    from reloc_ros.features import SiftExtractor
+    from reloc_ros.threads import limit_threads
+
+    def ms(fn, n: int) -> float:
+        fn()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t) / n * 1e3
+
+    images = {}
+    for name in ("7s-depth", "kitti"):
+        ds = open_dataset(SPLITS[name][0], data / SPLITS[name][1], "0:50:10")
+        images[name] = [ds[i].image for i in range(len(ds))]
+    rng = np.random.default_rng(0)
+    a, b = (rng.random((2048, 128), np.float32) for _ in range(2))
+    ex = SiftExtractor()
+    rows = {1: np.zeros(3), 2: np.zeros(3)}
+    for threads in (1, 2, 1, 2):
+        limit_threads(threads)
+        rows[threads] += [ms(lambda ims=ims: [ex(im) for im in ims], 1) / len(ims) for ims in images.values()] + \
+            [ms(lambda: a @ b.T, 20)]
+    print("| kernel | 1 thread ms | 2 threads ms | ratio |\n|---|---|---|---|")
+    for k, name in enumerate([f"SIFT, {n} frame" for n in images] + ["similarity GEMM 2048x2048x128"]):
+        print(f"| {name} | {rows[1][k] / 2:.1f} | {rows[2][k] / 2:.1f} | {rows[1][k] / rows[2][k]:.2f}x |")
+    print()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", default=str(REPO.parent / "shared"))
@@ -76,6 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--baseline", default="", help="checkout of an earlier commit: its sequential build is the reference")
     ap.add_argument("--out", default=str(REPO / "out" / "bench_build"))
+    ap.add_argument("--thread-scaling", action="store_true", help="also time SIFT and the GEMM with 1 and 2 threads")
     args = ap.parse_args(argv)
     data = Path(args.shared) / "data"
     if not data.is_dir():
@@ -86,7 +123,9 @@ def main(argv=None) -> int:
         variants.insert(0, (f"baseline {args.baseline}, --workers 1", Path(args.baseline).resolve(), 1))
     out = Path(args.out)
     print(f"{os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f} at start")
-    for split in args.splits.split(","):
+    if args.thread_scaling:
+        thread_scaling(data)
+    for split in (args.splits.split(",") if args.reps > 0 else []):
         runs = {v[0]: [] for v in variants}
         for rep in range(args.reps):
             for name, tree, workers in variants:
