@@ -13,6 +13,10 @@ each variant to the first one. The maps of every variant are compared point for 
 (3D points are the end product of the build; the keypoints and descriptors follow from
 the same extraction code).
 
+``--neighbours`` prints the time to choose one keyframe's triangulation neighbours in maps
+of 10^3-10^5 keyframes (synthetic poses on a 1 km square), with the k-d tree the build
+uses and by a scan of every keyframe.
+
 ``--thread-scaling`` also prints what a second thread gives the two kernels that dominate
 a build, SIFT extraction and the pair-similarity GEMM, in this process: how much of the
 sequential build already runs on both cores.
@@ -105,6 +109,28 @@ def thread_scaling(data: Path) -> None:
     print()
 
 
+def neighbour_selection() -> None:
+    from reloc_ros.maps import TriangulationConfig, _select_neighbors, neighbor_tree
+
+    cfg = TriangulationConfig()
+    rng = np.random.default_rng(0)
+    print("| keyframes | k-d tree build s | per keyframe, tree ms | per keyframe, scan ms |\n|---|---|---|---|")
+    for n in (1000, 10000, 100000):
+        T = np.tile(np.eye(4), (n, 1, 1))
+        T[:, :3, 3] = rng.random((n, 3)) * [1000, 1000, 2]
+        t0 = time.perf_counter()
+        tree = neighbor_tree(T, cfg)
+        t1 = time.perf_counter()
+        for i in range(200):
+            _select_neighbors(T, i, cfg, tree)
+        t2 = time.perf_counter()
+        for i in range(20):
+            _select_neighbors(T, i, cfg)
+        t3 = time.perf_counter()
+        print(f"| {n} | {t1 - t0:.2f} | {(t2 - t1) / 200 * 1e3:.2f} | {(t3 - t2) / 20 * 1e3:.2f} |")
+    print()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", default=str(REPO.parent / "shared"))
@@ -113,6 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", default="", help="checkout of an earlier commit: its sequential build is the reference")
     ap.add_argument("--out", default=str(REPO / "out" / "bench_build"))
     ap.add_argument("--thread-scaling", action="store_true", help="also time SIFT and the GEMM with 1 and 2 threads")
+    ap.add_argument("--neighbours", action="store_true", help="also time neighbour selection in large maps")
     args = ap.parse_args(argv)
     data = Path(args.shared) / "data"
     if not data.is_dir():
@@ -125,6 +152,8 @@ def main(argv=None) -> int:
     print(f"{os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f} at start")
     if args.thread_scaling:
         thread_scaling(data)
+    if args.neighbours:
+        neighbour_selection()
     for split in (args.splits.split(",") if args.reps > 0 else []):
         runs = {v[0]: [] for v in variants}
         for rep in range(args.reps):

@@ -494,13 +494,14 @@ def triangulate_points(kps: List[np.ndarray], descs: List[np.ndarray], T_all: np
     a 10-frame room), so for the maps to be equal it runs, as sequentially, in the calling
     thread with its limits, where it would spin-wait for cores the workers hold.
     """
-    from reloc_ros.maps import PairMatcher, _select_neighbors, _triangulate_keyframe
+    from reloc_ros.maps import PairMatcher, _select_neighbors, _triangulate_keyframe, neighbor_tree
 
     needs_point = {i: ~np.isfinite(p[:, 0]) for i, p in enumerate(pts)}
     todo = [i for i in range(len(names)) if needs_point[i].any()]
     if not todo:
         return
-    nbrs = {i: _select_neighbors(T_all, i, cfg.triangulation) for i in todo}
+    tree = neighbor_tree(T_all, cfg.triangulation)
+    nbrs = {i: _select_neighbors(T_all, i, cfg.triangulation, tree) for i in todo}
     progress = Progress(len(todo), "map build: triangulation")
 
     def fill(i: int, tri: np.ndarray) -> None:

@@ -103,6 +103,8 @@ class TriangulationConfig:
     """Options for 3D points triangulated from the known keyframe poses.
 
     neighbors: keyframes matched with each keyframe (closest in pose with overlapping view).
+    candidates: the neighbours are spread over the distance ranks of this many nearest
+        keyframes that look the same way (bounds the neighbourhood in large maps).
     max_view_angle_deg: neighbours must look within this angle of the keyframe's axis.
     max_epipolar_px: Sampson distance (pixels) under the known poses for a match to count.
     max_reproj_px: reprojection error (pixels) in every view of an accepted point.
@@ -110,6 +112,7 @@ class TriangulationConfig:
     """
 
     neighbors: int = 10
+    candidates: int = 64
     max_view_angle_deg: float = 60.0
     max_epipolar_px: float = 2.0
     max_reproj_px: float = 2.0
@@ -164,6 +167,10 @@ class MapBuildConfig:
             raise ValueError("image_max_size must be >= 64")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0 (0 = every core), got {self.workers}")
+        tc = self.triangulation
+        if not 1 <= tc.neighbors <= tc.candidates:
+            raise ValueError(f"triangulation needs 1 <= neighbors <= candidates, got {tc.neighbors} and "
+                             f"{tc.candidates}")
 
 
 def _sha256(path: Path) -> str:
@@ -546,23 +553,49 @@ def _depth_points(frame: PosedFrame, kps: np.ndarray, cfg: MapBuildConfig) -> np
     return out
 
 
-def _select_neighbors(T: np.ndarray, i: int, cfg: TriangulationConfig) -> np.ndarray:
+def _select_neighbors(T: np.ndarray, i: int, cfg: TriangulationConfig, tree=None) -> np.ndarray:
     """Keyframes to triangulate keyframe i's points with: looking the same way, spread in baseline.
 
     Nearest keyframes alone give tiny triangulation angles (depth error grows as
     1/angle), so the candidates are sampled evenly over their distance ranks: a few
-    near ones for matching robustness, the rest wide-baseline for accuracy.
+    near ones for matching robustness, the rest wide-baseline for accuracy. Candidates
+    are the ``cfg.candidates`` nearest keyframes that look the same way, not every one:
+    over a building or a city, ranks spread over all keyframes would pick neighbours
+    that see nothing of keyframe i. T: [N, 4, 4] T_world_cam; tree: a
+    ``scipy.spatial.cKDTree`` over the camera centres, so large maps are not scanned
+    whole for every keyframe.
     """
     c = T[:, :3, 3]
     z = T[:, :3, 2]
-    ang = np.degrees(np.arccos(np.clip(z @ z[i], -1, 1)))
-    dist = np.linalg.norm(c - c[i], axis=1)
-    cand = np.nonzero((ang < cfg.max_view_angle_deg) & (np.arange(len(T)) != i))[0]
+    idx = np.arange(len(T))
+    if tree is not None and len(T) > 2 * cfg.candidates:
+        k = 4 * cfg.candidates
+        while True:  # widen the query until enough candidates look the same way
+            idx = np.sort(np.asarray(tree.query(c[i], k=min(k, len(T)))[1]))
+            looking = np.degrees(np.arccos(np.clip(z[idx] @ z[i], -1, 1))) < cfg.max_view_angle_deg
+            if looking.sum() > cfg.candidates or k >= len(T):
+                break
+            k *= 4
+    ang = np.degrees(np.arccos(np.clip(z[idx] @ z[i], -1, 1)))
+    dist = np.linalg.norm(c[idx] - c[i], axis=1)
+    keep = (ang < cfg.max_view_angle_deg) & (idx != i)
+    cand, dist = idx[keep], dist[keep]
     if len(cand) <= cfg.neighbors:
         return cand
-    cand = cand[np.argsort(dist[cand])]
+    order = np.argsort(dist, kind="stable")[:cfg.candidates]
+    cand = cand[order]
     pick = np.unique(np.round(np.linspace(0, len(cand) - 1, cfg.neighbors)).astype(int))
     return cand[pick]
+
+
+def neighbor_tree(T: np.ndarray, cfg: TriangulationConfig):
+    """A k-d tree over the camera centres of T [N, 4, 4] for ``_select_neighbors``, or None
+    when the map is small enough to scan."""
+    if len(T) <= 2 * cfg.candidates:
+        return None
+    from scipy.spatial import cKDTree
+
+    return cKDTree(T[:, :3, 3])
 
 
 def _fundamental(K1, T_w1, K2, T_w2) -> np.ndarray:

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from reloc_ros.datasets import open_dataset
-from reloc_ros.maps import MAP_FORMAT_VERSION, POINT_DEPTH, KeyframeMap, MapBuildConfig, MapError, build_map
+from reloc_ros.maps import (MAP_FORMAT_VERSION, POINT_DEPTH, KeyframeMap, MapBuildConfig, MapError, TriangulationConfig,
+                            _select_neighbors, build_map, neighbor_tree)
 from reloc_ros.types import Camera, PosedFrame
 
 
@@ -44,6 +45,33 @@ def test_rgb_only_map_triangulates_points_that_agree_with_depth(seven_scenes, sm
 def _copy(src, dst):
     shutil.copytree(src, dst)
     return dst
+
+
+def _corridor(n: int) -> np.ndarray:
+    """n cameras 0.5 m apart along x, looking along z (T_world_cam [n, 4, 4]); every
+    fourth one turned 90 degrees (looks another way: never a neighbour)."""
+    T = np.tile(np.eye(4), (n, 1, 1))
+    T[:, 0, 3] = 0.5 * np.arange(n)
+    T[::4, :3, :3] = [[0, 0, 1], [0, 1, 0], [-1, 0, 0]]
+    return T
+
+
+def test_neighbours_stay_in_the_keyframes_neighbourhood_of_a_large_map():
+    cfg = TriangulationConfig()
+    T = _corridor(1000)
+    tree = neighbor_tree(T, cfg)
+    assert tree is not None and neighbor_tree(T[:100], cfg) is None
+    for i in (1, 2, 501, 999):
+        nb = _select_neighbors(T, i, cfg, tree)
+        # the k-d tree path equals a scan of every keyframe
+        np.testing.assert_array_equal(nb, _select_neighbors(T, i, cfg))
+        assert len(nb) == cfg.neighbors and i not in nb and not np.any(nb % 4 == 0)
+        # spread over the ranks of the 64 nearest that look the same way: 3/4 of the
+        # cameras look along z, so those lie within 0.5 m x (4/3 x 64 / 2 + 1) of i
+        assert np.abs(T[nb, 0, 3] - T[i, 0, 3]).max() <= 0.5 * (64 * 4 / 3 / (2 if i == 501 else 1) + 1)
+        assert np.abs(T[nb, 0, 3] - T[i, 0, 3]).min() <= 1.0  # and still a near one
+    with pytest.raises(ValueError, match="neighbors <= candidates"):
+        MapBuildConfig(triangulation=TriangulationConfig(neighbors=10, candidates=5)).validate()
 
 
 def test_truncated_file_is_a_clear_map_error(small_depth_map, tmp_path):
