@@ -132,6 +132,29 @@ class GlobalDescriptor(abc.ABC):
     def load_state(self, state: Dict[str, np.ndarray]) -> None: ...
 
 
+def sample_root_sift(features: Sequence[Features], max_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """RootSIFT rows [M, 128] float32 of the features' descriptors taken together: all of
+    them when there are at most ``max_samples``, else ``rng.choice(total, max_samples,
+    replace=False)`` of them, in that order. Only the sampled rows are converted: all of a
+    map's RootSIFT at once would be 1 GB of float32 per 1000 keyframes of 2048 features."""
+    counts = np.array([len(f) for f in features], np.int64)
+    total = int(counts.sum())
+    if total <= max_samples:
+        rows = [root_sift(f.descriptors) for f, c in zip(features, counts) if c > 0]
+        return np.concatenate(rows) if rows else np.zeros((0, 128), np.float32)
+    sel = rng.choice(total, max_samples, replace=False)
+    order = np.argsort(sel, kind="stable")
+    flat = sel[order]
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    owner = np.searchsorted(starts, flat, side="right") - 1  # keyframe of each sampled row, ascending
+    kfs, first = np.unique(owner, return_index=True)
+    bounds = np.append(first, len(flat))
+    parts = [root_sift(features[k].descriptors[flat[a:b] - starts[k]]) for k, a, b in zip(kfs, bounds[:-1], bounds[1:])]
+    x = np.empty((max_samples, 128), np.float32)
+    x[order] = np.concatenate(parts)
+    return x
+
+
 class VladDescriptor(GlobalDescriptor):
     name = "vlad"
 
@@ -142,13 +165,9 @@ class VladDescriptor(GlobalDescriptor):
         self._index: Optional[faiss.Index] = None
 
     def fit(self, features: Sequence[Features]) -> None:
-        descs = [root_sift(f.descriptors) for f in features if len(f) > 0]
-        if not descs:
+        x = sample_root_sift(features, self.config.kmeans_max_samples, np.random.default_rng(self.seed))
+        if len(x) == 0:
             raise ValueError("cannot train the VLAD vocabulary: no local features in the map")
-        x = np.concatenate(descs).astype(np.float32)
-        rng = np.random.default_rng(self.seed)
-        if len(x) > self.config.kmeans_max_samples:
-            x = x[rng.choice(len(x), self.config.kmeans_max_samples, replace=False)]
         k = int(min(self.config.vlad_clusters, max(2, len(x) // 39)))
         km = faiss.Kmeans(x.shape[1], k, niter=20, seed=self.seed, verbose=False,
                           max_points_per_centroid=100_000)

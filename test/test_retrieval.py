@@ -4,8 +4,9 @@ import pytest
 
 from reloc_ros.config import from_dict
 from reloc_ros.datasets import open_dataset
-from reloc_ros.features import Features, SiftExtractor
-from reloc_ros.retrieval import IVFPQ_MIN_SIZE, RetrievalConfig, RetrievalIndex, VladDescriptor, index_kind_for
+from reloc_ros.features import Features, SiftExtractor, root_sift
+from reloc_ros.retrieval import (IVFPQ_MIN_SIZE, RetrievalConfig, RetrievalIndex, VladDescriptor, index_kind_for,
+                                 sample_root_sift)
 
 
 def test_vlad_retrieves_the_keyframe_nearest_in_time(seven_scenes):
@@ -190,3 +191,15 @@ def test_loaded_map_reranks_with_its_own_descriptors(small_depth_map):
     assert kmap.index.vectors is kmap.global_descriptors  # attached, not copied
     assert kmap.manifest["faiss_index"] == kmap.index.description == "IndexFlatIP"  # small map: exact
     assert kmap.memory_bytes() >= kmap.index.memory_bytes() == kmap.global_descriptors.nbytes
+
+
+def test_vocabulary_sample_equals_sampling_every_descriptor_concatenated():
+    rng = np.random.default_rng(3)
+    feats = [Features(np.zeros((n, 2), np.float32), rng.integers(0, 255, (n, 128), dtype=np.uint8))
+             for n in (700, 0, 1300, 5, 2000)]
+    everything = np.concatenate([root_sift(f.descriptors) for f in feats if len(f)])
+    for m in (1000, 4005, 10_000):  # fewer than, exactly, more than all 4005 rows
+        expected = everything[np.random.default_rng(0).choice(len(everything), m, replace=False)] \
+            if m < len(everything) else everything
+        np.testing.assert_array_equal(sample_root_sift(feats, m, np.random.default_rng(0)), expected)
+    assert sample_root_sift(feats[1:2], 10, np.random.default_rng(0)).shape == (0, 128)
