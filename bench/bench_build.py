@@ -17,6 +17,11 @@ the same extraction code).
 of 10^3-10^5 keyframes (synthetic poses on a 1 km square), with the k-d tree the build
 uses and by a scan of every keyframe.
 
+``--memory`` builds 7-Scenes maps of 125, 250 and 500 keyframes (frames 0:500:4, :2, :1,
+``--workers 1``) and prints each build's peak anonymous and file-backed resident memory
+(polled from /proc/self/status every 50 ms): the anonymous part is what a build cannot
+give back; file-backed pages (the spilled local data, libraries) the kernel can reclaim.
+
 ``--thread-scaling`` also prints what a second thread gives the two kernels that dominate
 a build, SIFT extraction and the pair-similarity GEMM, in this process: how much of the
 sequential build already runs on both cores.
@@ -31,6 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import List, Tuple
 
 import numpy as np
 
@@ -131,6 +137,44 @@ def neighbour_selection() -> None:
     print()
 
 
+def _poll_build(data: Path, frames: str, out: Path) -> None:
+    """Run one sequential build in this process and print its peak RssAnon / RssFile (kB)."""
+    import threading
+
+    peak = {"RssAnon": 0, "RssFile": 0}
+
+    def poll() -> None:
+        while True:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    key = line.split(":")[0]
+                    if key in peak:
+                        peak[key] = max(peak[key], int(line.split()[1]))
+            time.sleep(0.05)
+
+    threading.Thread(target=poll, daemon=True).start()
+    from reloc_ros.cli.map_cli import main as map_main
+
+    map_main(["build", "--format", "7scenes", str(data / SPLITS["7s-depth"][1]), "--frames", frames, "-o", str(out),
+              "--workers", "1", "--overwrite"])
+    time.sleep(0.1)
+    print(json.dumps(peak))
+
+
+def memory_scaling(data: Path, out: Path, trees: List[Tuple[str, Path]]) -> None:
+    print("| tree | keyframes | peak RssAnon MB | peak RssFile MB |\n|---|---|---|---|")
+    for name, tree in trees:
+        for frames, n in (("0:500:4", 125), ("0:500:2", 250), ("0:500:1", 500)):
+            res = subprocess.run([sys.executable, __file__, "--_poll-build", frames, "--shared", str(data.parent),
+                                  "--out", str(out)], capture_output=True, text=True, cwd=tree,
+                                 env=dict(os.environ, PYTHONPATH=str(tree)))
+            if res.returncode != 0:
+                raise RuntimeError(res.stderr[-2000:])
+            peak = json.loads(res.stdout.strip().splitlines()[-1])
+            print(f"| {name} | {n} | {peak['RssAnon'] / 1e3:.0f} | {peak['RssFile'] / 1e3:.0f} |", flush=True)
+    print()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", default=str(REPO.parent / "shared"))
@@ -140,6 +184,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "out" / "bench_build"))
     ap.add_argument("--thread-scaling", action="store_true", help="also time SIFT and the GEMM with 1 and 2 threads")
     ap.add_argument("--neighbours", action="store_true", help="also time neighbour selection in large maps")
+    ap.add_argument("--memory", action="store_true", help="also measure a build's peak memory at 125-500 keyframes")
+    ap.add_argument("--_poll-build", dest="poll_build", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     data = Path(args.shared) / "data"
     if not data.is_dir():
@@ -149,7 +195,13 @@ def main(argv=None) -> int:
     if args.baseline:
         variants.insert(0, (f"baseline {args.baseline}, --workers 1", Path(args.baseline).resolve(), 1))
     out = Path(args.out)
+    if args.poll_build:
+        _poll_build(data, args.poll_build, Path(args.out) / "memory")
+        return 0
     print(f"{os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f} at start")
+    if args.memory:
+        memory_scaling(data, Path(args.out), [("this", REPO)] + ([("baseline", Path(args.baseline).resolve())]
+                                                                  if args.baseline else []))
     if args.thread_scaling:
         thread_scaling(data)
     if args.neighbours:

@@ -387,17 +387,73 @@ def extract_keyframes(frames: Sequence[PosedFrame], cfg, feature_cache: Optional
             progress.close()
 
 
+class LocalDataSpill:
+    """Every keyframe's local data during a build, in flat files under ``root`` instead of RAM.
+
+    A build holds keypoints, SIFT and points of every keyframe until the map is written:
+    about 300 KB a keyframe of 2048 features, 30 GB at 10^5 keyframes. Appended here in
+    frame order, they are read back through memory maps (the page cache holds what the
+    triangulation's regions touch, and the kernel can drop it again), so the build's
+    resident memory does not grow with the recording. ``finish`` returns per-keyframe
+    array views: keypoints [Ni, 2] float32, descriptors [Ni, 128] uint8, points [Ni, 3]
+    float32 and point sources [Ni] uint8; the last two writable (triangulation fills them).
+    """
+
+    FIELDS = (("keypoints", np.float32, 2), ("descriptors", np.uint8, 128), ("points3d", np.float32, 3),
+              ("point_source", np.uint8, 1))
+
+    def __init__(self, root) -> None:
+        from pathlib import Path
+
+        self.root = Path(root)
+        self.root.mkdir(parents=True)
+        self._files = {name: open(self.root / f"{name}.bin", "wb") for name, _, _ in self.FIELDS}
+        self.offsets = [0]
+
+    def append(self, keypoints: np.ndarray, descriptors: np.ndarray, points3d: np.ndarray,
+               point_source: np.ndarray) -> None:
+        arrays = dict(keypoints=keypoints, descriptors=descriptors, points3d=points3d, point_source=point_source)
+        n = len(keypoints)
+        for name, dtype, width in self.FIELDS:
+            a = np.ascontiguousarray(arrays[name], dtype=dtype)
+            if a.size != n * width:
+                raise ValueError(f"{name}: {a.shape} for {n} keypoints")
+            self._files[name].write(a.tobytes())
+        self.offsets.append(self.offsets[-1] + n)
+
+    def finish(self) -> Tuple[List[np.ndarray], ...]:
+        """(keypoints, descriptors, points3d, point_source): one view per keyframe each."""
+        out = []
+        total = self.offsets[-1]
+        for name, dtype, width in self.FIELDS:
+            self._files[name].close()
+            shape = (total, width) if width > 1 else (total,)
+            # np.memmap cannot map an empty file
+            arr = (np.memmap(self.root / f"{name}.bin", dtype=dtype, mode="r+", shape=shape) if total
+                   else np.zeros(shape, dtype))
+            out.append([arr[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])])
+        return tuple(out)
+
+
 # -- stage 2: triangulation ----------------------------------------------------------
 
-class _LazyRoots(dict):
-    """RootSIFT of a keyframe computed on first use from its uint8 SIFT (``descs``)."""
+class _LazyRoots:
+    """RootSIFT [n, 128] float32 of keyframe j, computed from its uint8 SIFT (``descs[j]``)
+    on first use and kept for the ``max_items`` most recently used keyframes: float32
+    RootSIFT is 1 MB a keyframe of 2048 features, four times the SIFT it comes from."""
 
-    def __init__(self, descs: Dict[int, np.ndarray]):
-        super().__init__()
-        self._descs = descs
+    def __init__(self, descs, max_items: int = 128):
+        self._descs, self.max_items = descs, max_items
+        self._cache: "collections.OrderedDict[int, np.ndarray]" = collections.OrderedDict()
 
-    def __missing__(self, j: int) -> np.ndarray:
-        r = self[j] = root_sift(self._descs[j])
+    def __getitem__(self, j: int) -> np.ndarray:
+        r = self._cache.get(j)
+        if r is None:
+            r = self._cache[j] = root_sift(self._descs[j])
+            if len(self._cache) > self.max_items:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(j)
         return r
 
 
@@ -514,8 +570,9 @@ def triangulate_points(kps: List[np.ndarray], descs: List[np.ndarray], T_all: np
     with make_executor(cfg.workers, cfg.ray_address, len(todo)) as ex:
         try:
             if isinstance(ex, SerialExecutor):
-                # The sequential build: every keyframe's RootSIFT computed once, nothing shipped.
-                roots = [root_sift(d) for d in descs]
+                # The sequential build: nothing shipped; keyframes in frame order, whose
+                # neighbours are near in the map and mostly near in time (an LRU keeps them)
+                roots = _LazyRoots(descs)
                 match = PairMatcher(roots, needs_point, cfg, names, ((i, int(j)) for i in todo for j in nbrs[i]),
                                     feature_cache)
                 for i in todo:

@@ -851,7 +851,9 @@ def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optiona
 
     names, poses, Ks, sizes, src_K, src_sizes = [], [], [], [], [], []
     cam_ids, bases = [], []  # rig frames (reloc_ros.rig.RigFrame) carry these
-    kps, descs, pts, srcs, skipped = [], [], [], [], []
+    skipped: List[List[str]] = []
+    # local data on disk until the map is written: the build's memory does not grow with it
+    spill = map_build.LocalDataSpill(tmp / ".local")
     for fr, feats, kp_ud, p in map_build.extract_keyframes(frames, cfg, feature_cache, skipped):
         T = fr.T_world_cam  # checked by extract_keyframes; unusable frames are in skipped
         # stored image: downscaled; keypoints are stored in its pixel frame
@@ -869,13 +871,12 @@ def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optiona
         cam_ids.append(str(getattr(fr, "camera_id", "") or ""))
         tb = getattr(fr, "T_world_base", None)
         bases.append(np.full((4, 4), np.nan) if tb is None else np.asarray(tb, np.float64))
-        kps.append(kp_ud)
-        descs.append(feats.descriptors)
-        pts.append(p)
-        srcs.append(np.where(np.isfinite(p[:, 0]), POINT_DEPTH, POINT_NONE).astype(np.uint8))
+        spill.append(kp_ud, feats.descriptors, p,
+                     np.where(np.isfinite(p[:, 0]), POINT_DEPTH, POINT_NONE).astype(np.uint8))
     if not names:
         shutil.rmtree(tmp)
         raise MapError("no usable keyframes: every frame was skipped" + (f" ({skipped[0][1]})" if skipped else ""))
+    kps, descs, pts, srcs = spill.finish()
     t_feat = time.perf_counter()
     T_all = np.stack(poses)
     if cfg.triangulate and len(names) > 1:
@@ -883,11 +884,8 @@ def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optiona
                                      feature_cache, POINT_TRIANGULATED)
     t_tri = time.perf_counter()
     # keypoints move to the stored image's pixel frame (scale about pixel corners)
-    kps_s = []
-    for k in range(len(names)):
-        sx = sizes[k][0] / src_sizes[k][0]
-        sy = sizes[k][1] / src_sizes[k][1]
-        kps_s.append(((kps[k] + 0.5) * [sx, sy] - 0.5).astype(np.float32))
+    kps_s = (((kps[k] + 0.5) * [sizes[k][0] / src_sizes[k][0], sizes[k][1] / src_sizes[k][1]] - 0.5
+              ).astype(np.float32) for k in range(len(names)))
     feats_all = [Features(kp, d) for kp, d in zip(kps, descs)]
     descriptor = create_descriptor(cfg.retrieval)
     # here, with this thread's limits: FAISS k-means depends on its thread count (map_build)
@@ -926,6 +924,8 @@ def build_map(frames: Sequence[PosedFrame], out_dir: str | Path, config: Optiona
                           "total": round(time.perf_counter() - t0, 2)},
         "files": {},
     }
+    del kps, descs, pts, srcs, feats_all  # the spill's memory maps, before its files go
+    shutil.rmtree(tmp / ".local")
     _write_manifest(tmp, manifest)
     if estimators:
         # Caches are written before the swap, so the map appears complete or not at all.

@@ -149,9 +149,9 @@ def sample_root_sift(features: Sequence[Features], max_samples: int, rng: np.ran
     owner = np.searchsorted(starts, flat, side="right") - 1  # keyframe of each sampled row, ascending
     kfs, first = np.unique(owner, return_index=True)
     bounds = np.append(first, len(flat))
-    parts = [root_sift(features[k].descriptors[flat[a:b] - starts[k]]) for k, a, b in zip(kfs, bounds[:-1], bounds[1:])]
     x = np.empty((max_samples, 128), np.float32)
-    x[order] = np.concatenate(parts)
+    for k, a, b in zip(kfs, bounds[:-1], bounds[1:]):
+        x[order[a:b]] = root_sift(features[k].descriptors[flat[a:b] - starts[k]])
     return x
 
 

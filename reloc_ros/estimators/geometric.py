@@ -93,6 +93,9 @@ class GeometricConfig:
     cov_common_mode: float = 0.35
     ransac_min_iterations: int = 100
     ransac_max_iterations: int = 10000
+    pnp_loss: str = "CAUCHY"
+    pnp_loss_scale: float = 1.0
+    pnp_adaptive_loss: float = 0.0
 
     def validate(self) -> None:
         if not 0.0 <= self.min_inlier_extent < 1.0:
@@ -116,6 +119,13 @@ def _cam_dict(cam: Camera) -> dict:
     K = cam.K
     return {"model": "PINHOLE", "width": cam.width, "height": cam.height,
             "params": [K[0, 0], K[1, 1], K[0, 2], K[1, 2]]}
+
+
+def _residuals(R: np.ndarray, t: np.ndarray, X: np.ndarray, x: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """Reprojection residuals [N, 2] (pixels) of world points X [N, 3] observed at x [N, 2]
+    under the world-to-camera pose (R, t)."""
+    Xc = X @ np.asarray(R).T + np.asarray(t)
+    return Xc[:, :2] / Xc[:, 2:3] * [K[0, 0], K[1, 1]] + [K[0, 2], K[1, 2]] - x
 
 
 def inlier_extent(x: np.ndarray, width: int, height: int) -> float:
@@ -422,9 +432,16 @@ class GeometricEstimator(Estimator):
         src = np.concatenate(srcs)
         qi = np.concatenate(qis)
         pose, info = poselib.estimate_absolute_pose(
-            x, X, _cam_dict(camera), cfg.ransac(max_reproj_error=cfg.pnp_max_reproj_px), {"loss_scale": 1.0})
+            x, X, _cam_dict(camera), cfg.ransac(max_reproj_error=cfg.pnp_max_reproj_px),
+            {"loss_type": cfg.pnp_loss, "loss_scale": cfg.pnp_loss_scale})
         inl = np.asarray(info["inliers"], bool)
         ni = int(inl.sum())
+        if cfg.pnp_adaptive_loss > 0 and ni >= 6:
+            r = _residuals(pose.R, pose.t, X[inl], x[inl], camera.K)
+            sigma = 1.4826 * float(np.median(np.abs(r)))
+            pose, _ = poselib.refine_absolute_pose(x[inl], X[inl], pose, _cam_dict(camera),
+                                                   {"loss_type": "CAUCHY",
+                                                    "loss_scale": max(cfg.pnp_adaptive_loss * sigma, 1e-3)})
         kf_in, n_in = np.unique(kf_of[inl], return_counts=True)
         self.last_stats.update(pnp_matches=n, pnp_inliers=ni, inlier_x=x[inl], inlier_X=X[inl],
                                inliers_per_kf=dict(zip(kf_in.tolist(), n_in.tolist())))
