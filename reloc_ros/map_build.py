@@ -55,6 +55,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
@@ -403,8 +404,6 @@ class LocalDataSpill:
               ("point_source", np.uint8, 1))
 
     def __init__(self, root) -> None:
-        from pathlib import Path
-
         self.root = Path(root)
         self.root.mkdir(parents=True)
         self._files = {name: open(self.root / f"{name}.bin", "wb") for name, _, _ in self.FIELDS}
