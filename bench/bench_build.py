@@ -1,7 +1,7 @@
 """Map-building throughput: fresh `reloc-map build` processes, interleaved (prints; asserts nothing).
 
     .venv/bin/python bench/bench_build.py [--shared ../shared] [--reps 3] [--out out/bench_build]
-        [--baseline DIR] [--splits 7s-depth,kitti]
+        [--baseline DIR] [--splits 7s-depth,kitti] [--thread-scaling] [--neighbours] [--memory]
 
 Per split and repetition, in one interleaved series (so that a shared machine's load
 hits every variant alike): ``--workers 1`` (the sequential build, in-process) and
