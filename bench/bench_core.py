@@ -1,7 +1,7 @@
 """Localization-core benchmark on every shared split, one table (prints; asserts nothing).
 
     .venv/bin/python bench/bench_core.py [--shared ../shared] [--out out/bench]
-        [--splits 7s-depth,7s-rgb,kitti,strecha,room-depth,room-rgb] [--stages]
+        [--splits 7s-depth,7s-rgb,kitti,strecha,room-depth,room-rgb[,corridor-rgb,corridor-depth]] [--stages]
         [--top-k 5] [--query-scale 0.75] [--estimator-option k=v ...] [--map-option k=v ...]
 
 Splits (the ones of docs/RESULTS.md; the reference column is the independent COLMAP-style
@@ -13,6 +13,10 @@ pipeline of issue 13, where it was run):
   the other 24 (built per query, features and pair matches cached across builds);
 - room-depth / room-rgb: the rendered room of test/test_pipeline_synthetic.py (exact
   ground truth), 24 keyframes, 12 jittered queries.
+- corridor-rgb / corridor-depth (opt-in, not in the default run): a rendered 40 m
+  corridor driven forward like KITTI (1226x370, f 707; 26 keyframes 0.6 m apart,
+  25 queries between them with up to 5 cm / 1 deg of jitter), exact ground truth: the
+  forward-motion geometry of KITTI without its ground-truth noise.
 
 Maps are cached under --out, keyed by the split and a hash of the build configuration,
 so a changed ``--map-option`` or a changed default rebuilds them; a map the running
@@ -48,6 +52,8 @@ from reloc_ros.localizer import Localizer, LocalizerConfig
 from reloc_ros.maps import KeyframeMap, MapBuildConfig, MapError, build_map
 
 SPLITS = ["7s-depth", "7s-rgb", "kitti", "strecha", "room-depth", "room-rgb"]
+# Opt-in (``--splits corridor-rgb``): rendered, so exact ground truth, but KITTI-like.
+EXTRA_SPLITS = ["corridor-rgb", "corridor-depth"]
 
 # Issue 13: the independent pipeline (pycolmap 4.2.1, COLMAP SIFT 4096 at full resolution,
 # exhaustive matching, LO-RANSAC PnP) on the same splits: (median cm, median deg, recall 5cm/5deg).
@@ -89,7 +95,18 @@ def _splits(shared: Path) -> Dict[str, Split]:
             return room_cache[part]
         return load
 
+    corridor_cache: dict = {}
+
+    def corridor(part):
+        def load():
+            if not corridor_cache:
+                corridor_cache["kf"], corridor_cache["q"] = _corridor_frames()
+            return corridor_cache[part]
+        return load
+
     return {
+        "corridor-rgb": Split("corridor-rgb", corridor("kf"), corridor("q"), False),
+        "corridor-depth": Split("corridor-depth", corridor("kf"), corridor("q"), True),
         "7s-depth": Split("7s-depth", frames("7scenes", s7, "0:250:5", True),
                           frames("7scenes", s7, "250:500:5", False), True, warmup=3),
         "7s-rgb": Split("7s-rgb", frames("7scenes", s7, "0:250:5", False),
@@ -100,6 +117,36 @@ def _splits(shared: Path) -> Dict[str, Split]:
         "room-depth": Split("room-depth", room("kf"), room("q"), True, warmup=2),
         "room-rgb": Split("room-rgb", room("kf"), room("q"), False, warmup=2),
     }
+
+
+def _corridor_frames():
+    """(keyframes, queries) of the corridor split: lists of PosedFrame with exact depth."""
+    from reloc_ros.demo.scene import ProceduralRoom, RoomConfig, look_pose, render_frames
+    from reloc_ros.types import Camera
+
+    # Boxes along the walls stand in for parked cars and a pillar (depth variety).
+    room = ProceduralRoom(RoomConfig(size=(40.0, 8.0, 4.0), texel_m=0.008, seed=11, boxes=(
+        ((5.0, 0.0, 0.0), (9.0, 1.5, 1.2)), ((14.0, 6.5, 0.0), (18.0, 8.0, 1.4)),
+        ((22.0, 0.0, 0.0), (25.0, 1.2, 1.0)), ((28.0, 6.8, 0.0), (33.0, 8.0, 1.5)),
+        ((11.0, 0.0, 0.0), (12.0, 0.8, 2.5)))))
+    W, H, f = 1226, 370, 707.0
+    cam = Camera(np.array([[f, 0, (W - 1) / 2], [0, f, (H - 1) / 2], [0, 0, 1.0]]), W, H)
+    rng = np.random.default_rng(0)
+
+    def pose(x: float, jitter: bool) -> np.ndarray:
+        p = np.array([x, 3.2 + 0.1 * np.sin(x / 5), 1.6])
+        yaw, pitch, roll = 0.03 * np.sin(x / 7), np.radians(2.0), 0.0
+        if jitter:
+            p = p + rng.uniform(-0.05, 0.05, 3)
+            yaw += np.radians(rng.uniform(-1, 1))
+            pitch += np.radians(rng.uniform(-0.5, 0.5))
+            roll += np.radians(rng.uniform(-0.5, 0.5))
+        return look_pose(p, yaw, pitch, roll)
+
+    xs = 1.0 + 0.6 * np.arange(26)
+    kf = render_frames(room, np.stack([pose(x, False) for x in xs]), cam, "kf")
+    q = render_frames(room, np.stack([pose(x + 0.3, True) for x in xs[:-1]]), cam, "q")
+    return kf, q
 
 
 def _build_config(split: Split, map_options: dict) -> MapBuildConfig:
@@ -236,7 +283,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", default="../shared")
     ap.add_argument("--out", default="out/bench")
-    ap.add_argument("--splits", default=",".join(SPLITS), help=f"comma-separated subset of {SPLITS}")
+    ap.add_argument("--splits", default=",".join(SPLITS), help=f"comma-separated subset of {SPLITS + EXTRA_SPLITS}")
     ap.add_argument("--stages", action="store_true", help="print per-stage numbers (see the docstring)")
     ap.add_argument("--top-k", type=int, default=LocalizerConfig.top_k)
     ap.add_argument("--query-scale", type=float, default=LocalizerConfig.query_image_scale)
@@ -247,9 +294,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the summaries here")
     args = ap.parse_args(argv)
     names = [s.strip() for s in args.splits.split(",") if s.strip()]
-    unknown = [s for s in names if s not in SPLITS]
+    unknown = [s for s in names if s not in SPLITS + EXTRA_SPLITS]
     if unknown:
-        ap.error(f"unknown split(s) {unknown}; known: {SPLITS}")
+        ap.error(f"unknown split(s) {unknown}; known: {SPLITS + EXTRA_SPLITS}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     loc_cfg = LocalizerConfig(top_k=args.top_k, query_image_scale=args.query_scale,

@@ -711,14 +711,14 @@ def _triangulate_keyframe(i: int, kps: List[np.ndarray], roots: List[np.ndarray]
         for v, (j, x) in enumerate(obs[a], start=1):
             Ps[r, v], xs[r, v], valid[r, v] = P[j], x, True
     for _ in range(3):  # triangulate, drop views with large reprojection error, repeat
-        X = _dlt(Ps, xs, valid)
+        X = _triangulate(Ps, xs, valid)
         err = _reproj(Ps, X, xs)
         bad = valid & (err > tc.max_reproj_px)
         bad[:, 0] = False  # the keyframe's own observation anchors the point
         if not bad.any():
             break
         valid &= ~bad
-    X = _dlt(Ps, xs, valid)
+    X = _triangulate(Ps, xs, valid)
     err = np.where(valid, _reproj(Ps, X, xs), 0)
     depth_ok = np.all(~valid | (_depths(Ps, X) > 0), axis=1)
     # largest angle between the rays of any two valid views
@@ -735,6 +735,33 @@ def _triangulate_keyframe(i: int, kps: List[np.ndarray], roots: List[np.ndarray]
     ok = (valid.sum(1) >= 2) & depth_ok & np.all(err <= tc.max_reproj_px, axis=1) & (max_angle >= tc.min_angle_deg)
     out[idx[ok]] = X[ok]
     return out
+
+
+def _triangulate(Ps: np.ndarray, xs: np.ndarray, valid: np.ndarray, iterations: int = 5) -> np.ndarray:
+    """Points [N, 3] that minimise the squared reprojection error (pixels) over their valid views.
+
+    Ps [N, V, 3, 4] projection matrices, xs [N, V, 2] pixels, valid [N, V]. The DLT alone
+    minimises an algebraic error that weighs each view by the point's depth in it and by
+    the norm of its P rows, which grows with the camera's distance from the world origin:
+    its points depend on where the world frame is. Gauss-Newton from the DLT gives the
+    maximum-likelihood point under equal pixel noise, the same in any world frame (COLMAP
+    refines its triangulated points so, by bundle adjustment with the poses held).
+    """
+    X = _dlt(Ps, xs, valid)
+    w = valid.astype(np.float64)[..., None]
+    for _ in range(iterations):
+        p = _project(Ps, X)  # [N, V, 3]
+        z = np.where(np.abs(p[..., 2]) < 1e-12, 1e-12, p[..., 2])[..., None]
+        uv = p[..., :2] / z
+        r = (uv - xs) * w  # [N, V, 2]
+        # d uv / d X = (P[:2, :3] - uv P[2, :3]) / z, zero for padded views
+        J = (Ps[..., :2, :3] - uv[..., :, None] * Ps[..., 2:3, :3]) / z[..., None] * w[..., None]
+        H = np.einsum("nvki,nvkj->nij", J, J)
+        g = np.einsum("nvki,nvk->ni", J, r)
+        H += 1e-9 * np.trace(H, axis1=1, axis2=2)[:, None, None] * np.eye(3)  # guard a singular H
+        step = np.linalg.solve(H, -g[..., None])[..., 0]
+        X = X + np.where(np.isfinite(step), step, 0.0)
+    return X
 
 
 def _dlt(Ps: np.ndarray, xs: np.ndarray, valid: np.ndarray) -> np.ndarray:

@@ -120,6 +120,8 @@ def test_config_is_validated_at_the_boundary():
         GeometricEstimator(verify_keyframes=1)
     with pytest.raises(ValueError, match="min_inlier_extent"):
         GeometricEstimator(min_inlier_extent=1.5)
+    with pytest.raises(ValueError, match="pnp_refine_sigmas"):
+        GeometricEstimator(pnp_refine_sigmas=-1.0)
 
 
 def test_prior_guided_retrieval_looks_near_the_prior_and_falls_back_to_global(loc, queries):
