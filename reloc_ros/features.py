@@ -110,8 +110,13 @@ class SiftExtractor:
         grey = to_grey(image)
         h, w = grey.shape
         scale = min(1.0, self.config.max_image_size / max(h, w)) * self.config.image_scale
+        sxy = np.array([scale, scale])
         if scale < 1.0:
-            grey = cv2.resize(grey, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+            size = (round(w * scale), round(h * scale))
+            grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
+            # the rounded size sets each axis' true scale (1536x1024 at 2/3 -> 1024x683:
+            # y is 683/1024, not 2/3, a 0.25 px error at the image centre)
+            sxy = np.array([size[0] / w, size[1] / h])
         kps, desc = self._sift.detectAndCompute(grey, None)
         if desc is None or len(kps) == 0:
             return Features(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8))
@@ -120,7 +125,7 @@ class SiftExtractor:
         xy = np.array([kps[i].pt for i in order], np.float32)
         # cv2 keypoints use pixel centres at integer coordinates; rescale about (-0.5, -0.5)
         # so coordinates stay consistent with K of the full-size image.
-        xy = (xy + 0.5) / scale - 0.5
+        xy = (xy + 0.5) / sxy - 0.5
         d = np.clip(np.round(desc[order]), 0, 255).astype(np.uint8)
         return Features(xy.astype(np.float32), d)
 
