@@ -18,9 +18,10 @@ pipeline of issue 13, where it was run):
   25 queries between them with up to 5 cm / 1 deg of jitter), exact ground truth: the
   forward-motion geometry of KITTI without its ground-truth noise.
 
-Maps are cached under --out, keyed by the split and a hash of the build configuration,
-so a changed ``--map-option`` or a changed default rebuilds them; a map the running
-reloc_ros refuses (format version) is rebuilt too.
+Maps are cached under --out, keyed by the split, a hash of the build configuration and
+the source of the map-building modules, so a changed ``--map-option``, default or
+map-building code rebuilds them; a map the running reloc_ros refuses (format version) is
+rebuilt too.
 
 ``--stages`` also prints, per split, where precision goes: query features, 2D-3D matches
 and PnP inliers (totals and per keyframe), 3D points per retrieved keyframe, and the
@@ -153,8 +154,19 @@ def _build_config(split: Split, map_options: dict) -> MapBuildConfig:
     return from_dict(MapBuildConfig, {**map_options, "use_depth": split.use_depth}, "map")
 
 
+def _map_code_digest() -> bytes:
+    """The source of the modules that decide what a built map holds: a cached map is reused
+    only while they are unchanged (a new triangulation must not be judged on old maps)."""
+    import reloc_ros
+
+    root = Path(reloc_ros.__file__).parent
+    return b"".join((root / f).read_bytes() for f in ("features.py", "maps.py", "map_build.py", "map_store.py",
+                                                        "refine.py", "retrieval.py"))
+
+
 def _cached_map(split: Split, out: Path, cfg: MapBuildConfig, frames: list) -> Path:
-    key = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    key = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
+                         + _map_code_digest()).hexdigest()[:10]
     path = out / f"{split.name}-{key}"
     try:
         KeyframeMap.load(path)
