@@ -759,7 +759,10 @@ def _triangulate(Ps: np.ndarray, xs: np.ndarray, valid: np.ndarray, iterations: 
         H = np.einsum("nvki,nvkj->nij", J, J)
         g = np.einsum("nvki,nvk->ni", J, r)
         H += 1e-9 * np.trace(H, axis1=1, axis2=2)[:, None, None] * np.eye(3)  # guard a singular H
-        step = np.linalg.solve(H, -g[..., None])[..., 0]
+        try:
+            step = np.linalg.solve(H, -g[..., None])[..., 0]
+        except np.linalg.LinAlgError:  # an exactly singular H (degenerate views): keep X so far
+            break
         X = X + np.where(np.isfinite(step), step, 0.0)
     return X
 
