@@ -112,6 +112,21 @@ def thread_scaling(data: Path) -> None:
     print("| kernel | 1 thread ms | 2 threads ms | ratio |\n|---|---|---|---|")
     for k, name in enumerate([f"SIFT, {n} frame" for n in images] + ["similarity GEMM 2048x2048x128"]):
         print(f"| {name} | {rows[1][k] / 2:.1f} | {rows[2][k] / 2:.1f} | {rows[1][k] / rows[2][k]:.2f}x |")
+    # why the reverse direction of a pair is not read off the matrix column-wise
+    sim = a @ b.T
+    print(f"\nthe 2048x2048 similarity matrix (2 threads): transposed copy {ms(lambda: np.ascontiguousarray(sim.T), 5):.1f}"
+          f" ms, column argmax {ms(lambda: sim.argmax(axis=0), 5):.1f} ms, column max {ms(lambda: sim.max(axis=0), 5):.1f}"
+          f" ms, the GEMM {rows[2][2] / 2:.1f} ms")
+    from reloc_ros.maps import TriangulationConfig, _select_neighbors
+
+    for name in ("7s-depth", "kitti"):  # how many pair GEMMs a build's triangulation needs
+        ds = open_dataset(SPLITS[name][0], data / SPLITS[name][1], SPLITS[name][2])
+        T = np.stack([ds[i].T_world_cam for i in range(len(ds))])
+        nb = {i: set(_select_neighbors(T, i, TriangulationConfig()).tolist()) for i in range(len(T))}
+        directed = sum(len(v) for v in nb.values())
+        both = sum(i in nb[j] for i in nb for j in nb[i])
+        print(f"{name}: {directed} directed neighbour pairs, {both} with their reverse, {directed - both // 2} GEMMs "
+              f"when each pair wanted both ways is matched once")
     print()
 
 

@@ -154,28 +154,27 @@ def _build_config(split: Split, map_options: dict) -> MapBuildConfig:
     return from_dict(MapBuildConfig, {**map_options, "use_depth": split.use_depth}, "map")
 
 
-def _map_code_digest() -> bytes:
-    """The source of the modules that decide what a built map holds: a cached map is reused
-    only while they are unchanged (a new triangulation must not be judged on old maps)."""
+def cached_map(path: Path, cfg: MapBuildConfig, make_frames: Callable[[], Sequence], **build_kw) -> Path:
+    """A map built from ``make_frames()`` with ``cfg``, cached at ``path`` + a key of the
+    build configuration and of the source of the modules that decide what a map holds:
+    a changed option, default or map-building code (a new triangulation) builds anew
+    instead of being judged on an old map. Shared by the benches; ``build_kw`` go to
+    ``build_map``."""
     import reloc_ros
 
     root = Path(reloc_ros.__file__).parent
-    return b"".join((root / f).read_bytes() for f in ("features.py", "maps.py", "map_build.py", "map_store.py",
+    code = b"".join((root / f).read_bytes() for f in ("features.py", "maps.py", "map_build.py", "map_store.py",
                                                         "refine.py", "retrieval.py"))
-
-
-def _cached_map(split: Split, out: Path, cfg: MapBuildConfig, frames: list) -> Path:
-    key = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
-                         + _map_code_digest()).hexdigest()[:10]
-    path = out / f"{split.name}-{key}"
+    key = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode() + code).hexdigest()[:10]
+    path = path.with_name(f"{path.name}-{key}")
     try:
         KeyframeMap.load(path)
         return path
     except MapError:
         pass
     t = time.perf_counter()
-    build_map(frames, path, cfg, overwrite=True, source=f"bench_core {split.name}")
-    print(f"  built {path} ({len(frames)} keyframes) in {time.perf_counter() - t:.1f} s", flush=True)
+    build_map(make_frames(), path, cfg, overwrite=True, **build_kw)
+    print(f"  built {path} in {time.perf_counter() - t:.1f} s", flush=True)
     return path
 
 
@@ -249,7 +248,7 @@ def run_split(split: Split, out: Path, loc_cfg: LocalizerConfig, map_options: di
             shutil.rmtree(tmp, ignore_errors=True)
         info["build_s_median"] = float(np.median(build_s))
     else:
-        path = _cached_map(split, out, cfg, frames)
+        path = cached_map(out / split.name, cfg, lambda: frames, source=f"bench_core {split.name}")
         queries = split.queries()
         loc = Localizer.from_map(path, dataclasses.replace(loc_cfg))
         for f in queries[: split.warmup]:

@@ -54,8 +54,11 @@ from reloc_ros.demo.scene import ProceduralRoom, RoomConfig, demo_camera, orbit_
 from reloc_ros.evaluation import make_record, summarize, write_json
 from reloc_ros.geometry import make_T, so3_exp, so3_log
 from reloc_ros.localizer import Localizer, LocalizerConfig
-from reloc_ros.maps import KeyframeMap, MapBuildConfig, MapError, build_map
+from reloc_ros.maps import KeyframeMap, MapBuildConfig
 from reloc_ros.types import PosedFrame
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_core import cached_map  # noqa: E402
 
 CHI2_3DOF_95 = 7.81
 SETS = ("calibration", "synthetic", "kitti", "strecha", "7scenes")
@@ -108,14 +111,7 @@ def _frames_cached(path: Path, make: Callable[[], List[PosedFrame]]) -> List[Pos
 
 def _map_cached(path: Path, frames: Callable[[], object], cfg: MapBuildConfig,
                 feature_cache: Optional[dict] = None) -> KeyframeMap:
-    try:
-        return KeyframeMap.load(path)
-    except MapError:
-        pass
-    t = time.perf_counter()
-    build_map(frames(), path, cfg, feature_cache=feature_cache, overwrite=True)
-    print(f"built {path} in {time.perf_counter() - t:.0f} s", flush=True)
-    return KeyframeMap.load(path)
+    return KeyframeMap.load(cached_map(path, cfg, frames, feature_cache=feature_cache))
 
 
 def corrupt_keyframes(frames: List[PosedFrame], seed: int, level: str = "noisy") -> List[PosedFrame]:

@@ -120,17 +120,10 @@ class SequenceRun:
 
 
 def _cached_map(path: Path, make_dataset: Callable[[], object]) -> Path:
-    from reloc_ros.maps import KeyframeMap, MapBuildConfig, MapError, build_map
+    from bench_core import cached_map
+    from reloc_ros.maps import MapBuildConfig
 
-    try:
-        KeyframeMap.load(path)
-        return path
-    except MapError:
-        pass
-    t = time.perf_counter()
-    build_map(make_dataset(), path, MapBuildConfig(), overwrite=True)
-    print(f"built map {path} in {time.perf_counter() - t:.0f} s", flush=True)
-    return path
+    return cached_map(path, MapBuildConfig(), make_dataset)
 
 
 def _room_frames(out: Path, what: str, camera: Camera):

@@ -176,13 +176,14 @@ def match_descriptors_both(a: np.ndarray, b: np.ndarray, ratio: float = 0.85) ->
     neighbours are the same pairs in both directions; only the ratio test differs
     (second best in b's row of a, or in a's column of b), so the reverse direction
     costs two linear passes instead of a second GEMM (a transposed copy or a column
-    argmax of the [N, M] matrix costs about as much as the GEMM itself).
+    argmax of the [N, M] matrix costs several GEMMs: ``bench/bench_build.py
+    --thread-scaling``).
     """
     empty = np.zeros((0, 2), np.int64)
     if len(a) < 2 or len(b) < 2:
         return (match_descriptors(a, b), match_descriptors(b, a))
     sim = np.asarray(a, np.float32) @ np.asarray(b, np.float32).T  # [N, M]
-    m_ab, mutual_rows = _ratio_mutual(sim, ratio, mutual=True, keep_sim=True)
+    m_ab, mutual_rows = _ratio_mutual(sim, ratio, mutual=True, reverse=True)
     if len(mutual_rows) == 0:
         return m_ab, empty
     r, c = mutual_rows[:, 0], mutual_rows[:, 1]
@@ -198,11 +199,12 @@ def _distance(sim: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(2.0 - 2.0 * sim, 0.0))
 
 
-def _ratio_mutual(sim: np.ndarray, ratio: float, mutual: bool, keep_sim: bool = False
+def _ratio_mutual(sim: np.ndarray, ratio: float, mutual: bool, reverse: bool = False
                   ) -> Tuple[np.ndarray, np.ndarray]:
     """Row-wise ratio-test (and mutual) matches [K, 2] (row, column) of a similarity
-    matrix [N, M] (M >= 2), and every mutual nearest-neighbour pair [L, 2] (empty when
-    not ``mutual``). ``sim`` is modified unless ``keep_sim`` (then restored)."""
+    matrix [N, M] (M >= 2), and what the reverse direction needs when ``reverse``: every
+    mutual nearest-neighbour pair [L, 2], with ``sim`` left as it was (else the pairs are
+    empty, as the per-query matching needs none, and ``sim`` is modified)."""
     rows = np.arange(len(sim))
     nn = sim.argmax(axis=1)
     s1 = sim[rows, nn].copy()
@@ -210,14 +212,15 @@ def _ratio_mutual(sim: np.ndarray, ratio: float, mutual: bool, keep_sim: bool = 
     col_best = sim.max(axis=0) if mutual else None
     sim[rows, nn] = -np.inf
     s2 = sim.max(axis=1)
-    if keep_sim:
+    if reverse:
         sim[rows, nn] = s1
     keep = _distance(s1) < ratio * _distance(s2)
     both = np.zeros((0, 2), np.int64)
     if mutual:
         is_mutual = s1 >= col_best[nn]
         keep &= is_mutual
-        mr = np.nonzero(is_mutual)[0]
-        both = np.stack([mr, nn[mr]], axis=1).astype(np.int64)
+        if reverse:
+            mr = np.nonzero(is_mutual)[0]
+            both = np.stack([mr, nn[mr]], axis=1).astype(np.int64)
     iq = np.nonzero(keep)[0]
     return np.stack([iq, nn[iq]], axis=1).astype(np.int64), both

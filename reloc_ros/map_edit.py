@@ -43,7 +43,7 @@ from reloc_ros import __version__
 from reloc_ros.config import from_dict
 from reloc_ros.features import Features, root_sift
 from reloc_ros.geometry import check_pose, invert
-from reloc_ros.map_store import TABLE_KEYS, StoreWriter, committed_end, concat_tables, write_manifest
+from reloc_ros.map_store import TABLE_KEYS, StoreWriter, committed_end, concat_tables, sha256_file, write_manifest
 from reloc_ros.maps import (MANIFEST, MAP_FORMAT_VERSION, PARTS, POINT_DEPTH, POINT_NONE, POINT_TRIANGULATED,
                             KeyframeMap, MapBuildConfig, MapError, _load_npz, _swap_into_place,
                             _triangulate_keyframe, stored_image, write_image)
@@ -471,7 +471,6 @@ def convert_map(old: str | Path, new: str | Path, overwrite: bool = False) -> di
     Lossless: the same keypoints, descriptors, points, poses, global descriptors and
     FAISS index; only the storage changes. Checks the old map's sha256 first.
     """
-    from reloc_ros.maps import _sha256
 
     src, out = Path(old), Path(new)
     t0 = time.perf_counter()
@@ -483,7 +482,7 @@ def convert_map(old: str | Path, new: str | Path, overwrite: bool = False) -> di
         raise MapError(f"convert reads format-2 maps; {src} is format {man.get('format_version')!r}")
     for name, digest in man.get("files", {}).items():
         f = src / name
-        if not f.is_file() or _sha256(f) != digest:
+        if not f.is_file() or sha256_file(f) != digest:
             raise MapError(f"map file {f} is missing or corrupt (checksum mismatch); rebuild the map")
     kf, ft, rt = (_load_npz(src / f) for f in ("keyframes.npz", "features.npz", "retrieval.npz"))
     G = rt.pop("global_descriptors").astype(np.float32)

@@ -81,7 +81,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 # poselib, scipy.sparse and scipy.linalg are imported where used: maps imports this module
-# for RefineConfig, and every map build and node start would pay ~0.2 s for them.
+# for RefineConfig, and every map build and node start would pay ~0.13 s for them
+# (`python -X importtime -c 'import reloc_ros.maps'`: 0.26 s before, 0.13 s after).
 
 from reloc_ros.features import FeatureConfig, SiftExtractor, match_descriptors, root_sift, undistort_keypoints
 from reloc_ros.geometry import check_pose, project_to_so3, rotation_angle_deg, umeyama

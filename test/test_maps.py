@@ -140,7 +140,7 @@ def test_failed_rebuild_keeps_the_old_map(small_depth_map, tmp_path):
 def _rewrite_npz(m, fname, drop=(), **replace):
     """Rewrite one npz of map ``m`` (drop / replace arrays) and refresh its manifest checksum,
     so that the array checks, not the checksum check, are what a corruption meets."""
-    from reloc_ros.maps import _sha256
+    from reloc_ros.map_store import sha256_file
 
     f = m / fname
     with np.load(f, allow_pickle=False) as z:
@@ -148,7 +148,7 @@ def _rewrite_npz(m, fname, drop=(), **replace):
     arrays.update(replace)
     np.savez(f, **arrays)
     man = json.loads((m / "manifest.json").read_text())
-    man["files"][fname] = _sha256(f)
+    man["files"][fname] = sha256_file(f)
     (m / "manifest.json").write_text(json.dumps(man))
 
 
@@ -199,14 +199,14 @@ def test_every_array_is_checked_with_a_map_error_naming_file_and_key(small_depth
 
 
 def test_index_size_must_match_the_keyframes(small_depth_map, tmp_path):
-    from reloc_ros.maps import _sha256
+    from reloc_ros.map_store import sha256_file
     from reloc_ros.retrieval import RetrievalIndex
 
     m = _copy(small_depth_map, tmp_path / "m")
     G = KeyframeMap.load(m).global_descriptors[:]
     RetrievalIndex.build(G[:-2]).save(m / "index.faiss")
     man = json.loads((m / "manifest.json").read_text())
-    man["files"]["index.faiss"] = _sha256(m / "index.faiss")
+    man["files"]["index.faiss"] = sha256_file(m / "index.faiss")
     (m / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(MapError, match="index.faiss has 18 entries for 20 keyframes"):
         KeyframeMap.load(m)

@@ -67,8 +67,8 @@ class GeometricConfig:
         median absolute residual coordinate) of those inliers' residuals. 2.385 is the
         textbook Cauchy constant with 95 % efficiency under Gaussian noise, not a fitted
         value; PoseLib's own refinement uses a fixed 1 px scale whatever the noise. 0
-        disables. Rendered room (exact ground truth): depth 0.12 -> 0.09 mm, RGB-only
-        0.19 -> 0.14 mm (docs/RESULTS.md, issue 13).
+        disables. Rendered room with depth (exact ground truth): 0.12 -> 0.09 mm
+        (docs/RESULTS.md, issue 13).
     cov_keyframe_gain, cov_depth_field_gain, cov_common_mode: the three constants of
         the PnP covariance model (``pnp_covariance``), fitted together on ONE
         calibration set, the rendered calibration room of bench/bench_covariance.py
