@@ -507,21 +507,49 @@ def test_node_robustness_stamps_camera_info_and_reload(room, tmp_path):
         assert not fut.done(), f"~/enable waited for the map load ({hash_s:.2f} s of hashing)"
         assert rp.wait_for(lambda: fut.done(), 60.0) and fut.result().success, fut.result()
         # 4. A frame whose localization straddles a reload is discarded, not published.
-        # The swap comes at the end of the load: aim the frame at the hashing time, then
-        # earlier, then (a loaded machine stretches the load) later.
-        discarded = 0
-        offsets = [hash_s - 0.1 * k for k in range(6)] + [hash_s + 0.1 * k for k in range(1, 5)]
-        for attempt, offset in enumerate(offsets):
+        # The small map reloads in milliseconds, faster than a frame localizes, so the reload is
+        # aimed into the frame's localization. How far after the publish it must come depends on
+        # the machine's load, so the offset adapts: a frame that came back before the reload
+        # finished was too early (reload sooner), one whose localization started after the swap
+        # was too late (reload later). A negative offset calls the reload first.
+        set_string_param(rp, "/reloc_node", "map_path", str(map_dir))
+        localize_s = float(rp.diag.values["last_localize_ms"]) / 1e3
+        lo, hi = -0.5, max(2.0 * localize_s, 0.2)  # bounds on the offset, seconds
+        offset, discarded, attempts = 0.5 * localize_s, 0, 16
+        for attempt in range(attempts):
+            time.sleep(0.6)  # > 1 / max_rate since the last frame: not throttled
             before = rp.diag.count("results_discarded_map_reloaded")
-            fut = client.call_async(Trigger.Request())
-            time.sleep(max(offset, 0.0))
+            reloaded_ns = []
+
+            def reload():
+                f = client.call_async(Trigger.Request())
+                f.add_done_callback(lambda _: reloaded_ns.append(time.time_ns()))
+                return f
+
+            if offset < 0:
+                fut = reload()
+                time.sleep(-offset)
             stamp = rp.publish_frame(10 + attempt, q.image, q.camera, q.T_world_cam)
-            assert rp.wait_for(lambda: fut.done(), 60.0) and fut.result().success
-            time.sleep(1.5)
+            if offset >= 0:
+                time.sleep(offset)
+                fut = reload()
+            assert rp.wait_for(lambda: fut.done() and reloaded_ns, 60.0) and fut.result().success
+            assert rp.wait_for(lambda: stamp in rp.raw_poses or stamp in rp.poses
+                               or rp.diag.count("results_discarded_map_reloaded") > before, 30.0)
             discarded = rp.diag.count("results_discarded_map_reloaded") - before
+            print(f"reload straddle attempt {attempt}: offset {offset * 1e3:.0f} ms, discarded {discarded}")
             if discarded:
+                time.sleep(0.5)  # a published pose would have arrived by now
                 assert stamp not in rp.raw_poses and stamp not in rp.poses, "a discarded result was published"
                 break
-        assert discarded == 1, f"no frame straddled a reload in {len(offsets)} attempts (timing); nothing was tested"
+            got = rp.raw_poses.get(stamp) or rp.poses.get(stamp)
+            if got[2] < reloaded_ns[0]:
+                hi = offset  # the frame was done before the swap: reload sooner
+            else:
+                lo = offset  # the swap came before the frame read the map: reload later
+            if hi - lo < 0.02:  # a load spike misled the search: widen it again
+                lo, hi = lo - 0.2, hi + 0.2
+            offset = 0.5 * (lo + hi)
+        assert discarded == 1, f"no frame straddled a reload in {attempts} attempts (timing); nothing was tested"
         rp.node.destroy_client(client)
         assert node.alive()
