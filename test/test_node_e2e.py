@@ -514,6 +514,7 @@ def test_node_robustness_stamps_camera_info_and_reload(room, tmp_path):
         # was too late (reload later). A negative offset calls the reload first.
         set_string_param(rp, "/reloc_node", "map_path", str(map_dir))
         localize_s = float(rp.diag.values["last_localize_ms"]) / 1e3
+        localize_s = localize_s if localize_s > 0 else 0.2  # nan if no frame reported one
         lo, hi = -0.5, max(2.0 * localize_s, 0.2)  # bounds on the offset, seconds
         offset, discarded, attempts = 0.5 * localize_s, 0, 16
         for attempt in range(attempts):
