@@ -7,9 +7,10 @@ Per split and repetition, in one interleaved series (so that a shared machine's 
 hits every variant alike): ``--workers 1`` (the sequential build, in-process) and
 ``--workers 0`` (every core, the default), both of this tree, and, with ``--baseline DIR``
 (a checkout of an earlier commit, e.g. ``git worktree add /tmp/base <rev>``), that tree's
-sequential build. Printed: median wall time of the whole process (imports included),
-the build's own stage times (manifest ``build_seconds``), and the throughput ratio of
-each variant to the first one. The maps of every variant are compared point for point
+sequential build (a commit older than ``--workers`` builds sequentially anyway). Printed:
+median wall time of the whole process (imports included), the build's own stage times
+(manifest ``build_seconds``), and the throughput ratio of each variant to the first one.
+The maps of every variant are compared point for point
 (3D points are the end product of the build; the keypoints and descriptors follow from
 the same extraction code).
 
@@ -53,7 +54,11 @@ def build_once(tree: Path, split: str, data: Path, out: Path, workers: int) -> d
     fmt, folder, frames = SPLITS[split]
     env = dict(os.environ, PYTHONPATH=str(tree))
     cmd = [sys.executable, "-m", "reloc_ros.cli.map_cli", "build", "--format", fmt, str(data / folder),
-           "--frames", frames, "-o", str(out), "--workers", str(workers), "--overwrite"]
+           "--frames", frames, "-o", str(out), "--overwrite"]
+    if "--workers" in (tree / "reloc_ros" / "cli" / "map_cli.py").read_text():
+        cmd += ["--workers", str(workers)]
+    elif workers != 1:
+        raise ValueError(f"{tree} predates --workers: it builds sequentially only")
     t = time.perf_counter()
     # cwd=tree: `python -m` puts the working directory first on sys.path, ahead of an
     # editable install of another tree
@@ -67,9 +72,13 @@ def build_once(tree: Path, split: str, data: Path, out: Path, workers: int) -> d
 
 def point_difference(a: Path, b: Path) -> str:
     """Max |dP| (m) over the points both maps have, and whether the same keypoints have one."""
+    from reloc_ros.map_store import MapError
     from reloc_ros.maps import KeyframeMap
 
-    ma, mb = KeyframeMap.load(a), KeyframeMap.load(b)
+    try:
+        ma, mb = KeyframeMap.load(a), KeyframeMap.load(b)
+    except MapError as e:  # a baseline from before the current map format
+        return f"not compared ({e})"
     if ma.names != mb.names:
         return "different keyframes"
     dmax, same = 0.0, True
@@ -202,20 +211,20 @@ def main(argv=None) -> int:
     ap.add_argument("--memory", action="store_true", help="also measure a build's peak memory at 125-500 keyframes")
     ap.add_argument("--_poll-build", dest="poll_build", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    data = Path(args.shared) / "data"
+    data = Path(args.shared).resolve() / "data"
     if not data.is_dir():
         print(f"no shared data at {data}: nothing to measure", file=sys.stderr)
         return 2
     variants = [("this tree, --workers 1", REPO, 1), ("this tree, --workers 0 (all cores)", REPO, 0)]
     if args.baseline:
         variants.insert(0, (f"baseline {args.baseline}, --workers 1", Path(args.baseline).resolve(), 1))
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # builds run with cwd = their tree
     if args.poll_build:
-        _poll_build(data, args.poll_build, Path(args.out) / "memory")
+        _poll_build(data, args.poll_build, out / "memory")
         return 0
     print(f"{os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f} at start")
     if args.memory:
-        memory_scaling(data, Path(args.out), [("this", REPO)] + ([("baseline", Path(args.baseline).resolve())]
+        memory_scaling(data, out, [("this", REPO)] + ([("baseline", Path(args.baseline).resolve())]
                                                                   if args.baseline else []))
     if args.thread_scaling:
         thread_scaling(data)

@@ -137,10 +137,11 @@ class MapBuildConfig:
         (``reloc_ros.refine``: multi-view tracks, robust loss, pose priors that hold the
         gauge and metric scale); the map stores the refined poses and the manifest the
         report (how far poses moved). Off by default: it pays when the poses come from a
-        visual or RGB-D SLAM system that is a little inconsistent with the images
+        SLAM system that is a little inconsistent with the images and the map is RGB-only
         (7-Scenes RGB-only: recall 0.14 -> 0.30), and costs where the queries are judged
-        against the same source as the map poses (KITTI's GNSS/INS: 0.66 -> 1.26 cm).
-        docs/RESULTS.md.
+        against the same source as the map poses (KITTI's GNSS/INS: 0.66 -> 1.26 cm;
+        7-Scenes with its depth, whose poses came from that depth: 8.7 -> 12.7 cm, and the
+        build warns). docs/RESULTS.md.
     refinement: options of that refinement (its ``features`` are the map's).
     """
 
@@ -833,6 +834,12 @@ def _refine_poses(frames: Sequence[PosedFrame], cfg: MapBuildConfig, feature_cac
     if len(good) < 2:
         log.warning("map refinement skipped: fewer than two usable frames")
         return frames, None
+    if cfg.use_depth and any(fr.depth is not None for fr in good.values()):
+        # Depth-registered poses (RGB-D SLAM) usually come from that depth; moving them to fit
+        # the images moved 7-Scenes' maps 4.7 cm from its ground truth (docs/RESULTS.md).
+        log.warning("map refinement of frames with depth: their poses usually come from that depth, "
+                    "and refining them measured worse on 7-Scenes (docs/RESULTS.md); refine only poses "
+                    "known to disagree with the images")
     idx = sorted(good)
     rcfg = dataclasses.replace(cfg.refinement, features=cfg.features)
     refined, report = refine_frames([good[i] for i in idx], rcfg, feature_cache=feature_cache)

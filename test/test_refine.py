@@ -123,18 +123,22 @@ def test_bad_input_errors(scene):
         refine(scene[:2], RefineConfig(prior_position_std_m=0.0))
 
 
-def test_build_map_with_refine_stores_the_refined_poses(scene, perturbed, tmp_path):
+def test_build_map_with_refine_stores_the_refined_poses(scene, perturbed, tmp_path, caplog):
     """``MapBuildConfig.refine``: the map holds the bundle-adjusted poses (as ``refine`` gives
     them for the same frames and options), the manifest the report, and an unusable frame is
-    still skipped and listed by the build, not by the refinement."""
+    still skipped and listed by the build, not by the refinement. These frames have depth,
+    so the build warns that their poses may come from it."""
     import json
+    import logging
 
     from reloc_ros.maps import KeyframeMap, MapBuildConfig, build_map
 
     noisy, res = perturbed
     bad = dataclasses.replace(noisy[0], name="bad", T_world_cam=np.full((4, 4), np.nan))
     cfg = MapBuildConfig(refine=True, refinement=CFG, workers=1)
-    out = build_map(noisy + [bad], tmp_path / "map", cfg)
+    with caplog.at_level(logging.WARNING, logger="reloc_ros.maps"):
+        out = build_map(noisy + [bad], tmp_path / "map", cfg)
+    assert "map refinement of frames with depth" in caplog.text
     kmap = KeyframeMap.load(out)
     assert kmap.num_keyframes == len(noisy)
     np.testing.assert_allclose(kmap.T_world_cam, res.T_world_cam, atol=1e-9)

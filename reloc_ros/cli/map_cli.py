@@ -36,8 +36,9 @@ def main(argv=None) -> int:
     b.add_argument("-o", "--output", required=True, help="map directory to write")
     b.add_argument("--no-depth", action="store_true", help="ignore depth (RGB-only map, triangulated points)")
     b.add_argument("--refine", action="store_true",
-                   help="bundle-adjust the keyframe poses against the images first (poses from a visual "
-                        "or RGB-D SLAM system; options: --option refinement.KEY=V)")
+                   help="bundle-adjust the keyframe poses against the images first (poses that disagree "
+                        "with the images: visual SLAM, GNSS/INS; not poses derived from the map's own "
+                        "depth; options: --option refinement.KEY=V)")
     b.add_argument("--overwrite", action="store_true")
     b.add_argument("--option", action="append", default=[], metavar="K=V",
                    help="MapBuildConfig option, dotted for nested (features.max_keypoints=4096)")
