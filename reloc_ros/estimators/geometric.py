@@ -144,11 +144,6 @@ def inlier_extent(x: np.ndarray, width: int, height: int) -> float:
     return float((hi[0] - lo[0]) / width * (hi[1] - lo[1]) / height)
 
 
-def _point_source(kmap, k: int) -> np.ndarray:
-    """[Ni] uint8 point source (maps.POINT_*) of keyframe k's keypoints (aligned with points3d(k))."""
-    return kmap.point_sources(k)
-
-
 @dataclass
 class PnPCovariance:
     """A PnP pose covariance and the variance components it was built from.
@@ -428,7 +423,7 @@ class GeometricEstimator(Estimator):
             xs.append(q_kp[m[ok, 0]])
             Xs.append(P[ok])
             kf_of.append(np.full(int(ok.sum()), k))
-            srcs.append(_point_source(kmap, k)[m[ok, 1]])
+            srcs.append(kmap.point_sources(k)[m[ok, 1]])
             qis.append(m[ok, 0])
         n = int(sum(len(x) for x in xs))
         if n < max(cfg.pnp_min_inliers, 4):
