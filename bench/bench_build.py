@@ -10,9 +10,9 @@ hits every variant alike): ``--workers 1`` (the sequential build, in-process) an
 sequential build (a commit older than ``--workers`` builds sequentially anyway). Printed:
 median wall time of the whole process (imports included), the build's own stage times
 (manifest ``build_seconds``), and the throughput ratio of each variant to the first one.
-The maps of every variant are compared point for point
-(3D points are the end product of the build; the keypoints and descriptors follow from
-the same extraction code).
+The maps of every variant are compared point for point (3D points are the end product
+of the build; the keypoints and descriptors follow from the same extraction code); a
+baseline map in an older format is reported as not compared.
 
 ``--neighbours`` prints the time to choose one keyframe's triangulation neighbours in maps
 of 10^3-10^5 keyframes (synthetic poses on a 1 km square), with the k-d tree the build
